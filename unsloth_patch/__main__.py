@@ -1,0 +1,79 @@
+"""``python -m unsloth_patch``: what is installed, which patches applied and why others did not.
+
+``python -m unsloth_patch demo`` runs the stock-vs-patched demo; ``matrix`` prints the
+compatibility matrix generated from the patch table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+
+
+def _version(distribution: str) -> str:
+    from .versions import installed
+
+    version = installed(distribution)
+    return str(version) if version is not None else "not installed"
+
+
+def _gpu() -> str:
+    try:
+        import torch
+    except Exception:
+        return "unknown (torch not importable)"
+    if not torch.cuda.is_available():
+        return "none (CPU only)"
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor}"
+
+
+def print_report(out=sys.stdout) -> int:
+    import unsloth_patch
+    from . import registry
+
+    for module in registry.target_modules():  # importing the targets lets the hooks fire
+        try:
+            importlib.import_module(module)
+        except Exception:
+            pass
+    unsloth_patch.apply()
+    write = lambda line="": print(line, file=out)  # noqa: E731
+    write(f"unsloth_patch {unsloth_patch.__version__}")
+    write(f"python {platform.python_version()}")
+    for dist in ("torch", "transformers", "trl", "triton", "peft", "accelerate", "datasets"):
+        write(f"{dist} {_version(dist)}")
+    write(f"gpu {_gpu()}")
+    write()
+    write("toggles:")
+    for name, value in unsloth_patch.settings().as_environment().items():
+        write(f"  {name}={value}")
+    write()
+    write("patches:")
+    for rec in unsloth_patch.report():
+        status = "applied" if rec.applied else "skipped"
+        write(f"  {rec.name:<22} {status:<8} {rec.reason}")
+        write(f"  {'':<22} targets: {', '.join(rec.targets)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv else "report"
+    if command == "report":
+        return print_report()
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv)
+    if command == "matrix":
+        from .matrix import main as matrix_main
+
+        return matrix_main(argv)
+    print(f"unknown command {command!r}; use one of: report, demo, matrix", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

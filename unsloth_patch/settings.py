@@ -1,0 +1,161 @@
+"""Environment toggles, read once at activation into one frozen object.
+
+Every toggle is an environment variable prefixed ``UNSLOTH_PATCH_``. A bad value is a
+user error that would otherwise silently change training, so it raises a ``ValueError``
+that names the variable, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping, Optional
+
+PREFIX = "UNSLOTH_PATCH_"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise _invalid(name, raw, "one of " + ", ".join(choices))
+        return value
+
+    parse.accepted = " | ".join(choices)  # type: ignore[attr-defined]
+    return parse
+
+
+def _boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _invalid(name, raw, "1/0, true/false, yes/no, on/off (any case)")
+
+
+_boolean.accepted = "1 | 0 | true | false | yes | no | on | off"  # type: ignore[attr-defined]
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise _invalid(name, raw, "a positive number such as 5e-5") from None
+    if math.isnan(value) or math.isinf(value) or value <= 0:
+        raise _invalid(name, raw, "a positive finite number such as 5e-5")
+    return value
+
+
+_positive_float.accepted = "a positive number, e.g. 5e-5"  # type: ignore[attr-defined]
+
+
+def _invalid(name: str, raw: str, accepted: str) -> ValueError:
+    return ValueError(f"{PREFIX}{name}={raw!r} is not valid; accepted values: {accepted}.")
+
+
+@dataclass(frozen=True)
+class Toggle:
+    """One environment toggle: its variable suffix, default, parser and meaning."""
+
+    name: str
+    default: object
+    parse: Callable[[str, str], object]
+    help: str
+
+    @property
+    def variable(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def accepted(self) -> str:
+        return getattr(self.parse, "accepted", "")
+
+
+TOGGLES: tuple[Toggle, ...] = (
+    Toggle("DISABLE", False, _boolean, "Import does nothing except record that the plugin is disabled."),
+    Toggle("PADDING_FREE", "auto", _choice("auto", "on", "off"),
+           "Padding-free batches: auto when safe, on = required (error if impossible), off = untouched."),
+    Toggle("ATTENTION", "auto", _choice("auto", "triton", "torch", "off"),
+           "Attention for padding-free batches: auto picks Triton on supported GPUs, then torch varlen_attn, "
+           "then a boundary-correct masked path."),
+    Toggle("EMBEDDING_LR", None, _positive_float,
+           "Learning rate for the input/output embeddings (lowest precedence after the config field)."),
+    Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
+    Toggle("COMPAT", "auto", _choice("auto", "off"),
+           "Translate SFTTrainer arguments written for other TRL versions."),
+    Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),
+           "Replace TRL's default gradient checkpointing by the cheapest policy that fits the card."),
+    Toggle("MEMORY_BUDGET_GB", None, _positive_float,
+           "Memory budget (GiB) used instead of the card's memory when choosing a checkpointing policy."),
+    Toggle("LOG_LEVEL", "warning", _choice("debug", "info", "warning", "error"), "Level of the plugin's log."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The toggles in force for this process."""
+
+    disable: bool = False
+    padding_free: str = "auto"
+    attention: str = "auto"
+    embedding_lr: Optional[float] = None
+    kernels: str = "auto"
+    compat: str = "auto"
+    checkpointing: str = "auto"
+    memory_budget_gb: Optional[float] = None
+    log_level: str = "warning"
+
+    def as_environment(self) -> dict[str, str]:
+        """The settings spelled as the variables a user would set (for the report)."""
+        out = {}
+        for toggle in TOGGLES:
+            value = getattr(self, toggle.name.lower())
+            out[toggle.variable] = "unset" if value is None else str(value).lower()
+        return out
+
+
+# Variables with the prefix that configure tooling (nox, benchmarks), not the plugin.
+NON_TOGGLE_VARIABLES = ("UNSLOTH_PATCH_TORCH_SPEC", "UNSLOTH_PATCH_TORCH_INDEX_URL", "UNSLOTH_PATCH_DEMO_CHILD")
+
+assert {t.name.lower() for t in TOGGLES} == {f.name for f in fields(Settings)}
+
+
+def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Parse every ``UNSLOTH_PATCH_*`` toggle; raise ``ValueError`` on the first bad one."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for toggle in TOGGLES:
+        raw = environ.get(toggle.variable)
+        if raw is None or raw.strip() == "":
+            values[toggle.name.lower()] = toggle.default
+        else:
+            values[toggle.name.lower()] = toggle.parse(toggle.name, raw)
+    return Settings(**values)
+
+
+def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """``UNSLOTH_PATCH_*`` variables that are not toggles (likely typos; warned about, not fatal)."""
+    environ = os.environ if environ is None else environ
+    known = {t.variable for t in TOGGLES} | set(NON_TOGGLE_VARIABLES)
+    return sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
+
+
+_current: Optional[Settings] = None
+
+
+def current() -> Settings:
+    """The settings read at activation (read now if activation has not happened)."""
+    global _current
+    if _current is None:
+        _current = read_settings()
+    return _current
+
+
+def set_current(settings: Settings) -> None:
+    global _current
+    _current = settings

@@ -57,6 +57,15 @@ PATCHES: tuple[Patch, ...] = (
         parameters=("model", "args", "train_dataset"),
     ),
     Patch(
+        name="config_fields",
+        summary="Record which SFTConfig/TrainingArguments fields the user passed explicitly.",
+        targets=("trl.trainer.sft_config:SFTConfig.__init__", "transformers.training_args:TrainingArguments.__init__"),
+        requires={"trl": ">=0.11", "transformers": ">=4.46"},
+        toggle="DISABLE",
+        active=lambda s: True,
+        handler="unsloth_patch.patches.config_fields:handle_config_init",
+    ),
+    Patch(
         name="trainer_plan",
         summary="Decide padding-free batching, attention path and checkpointing per trainer.",
         targets=(f"{TRL_MODULE}:SFTTrainer.__init__",),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 from . import log, versions
+from .errors import UnslothPatchError
 from .settings import Settings, current
 
 TRL_MODULE = "trl.trainer.sft_trainer"
@@ -84,6 +85,15 @@ PATCHES: tuple[Patch, ...] = (
         active=_on("padding_free"),
         handler="unsloth_patch.patches.label_count:handle_get_batch_samples",
         parameters=("epoch_iterator", "num_batches"),
+    ),
+    Patch(
+        name="label_key_strip",
+        summary="Keep the padding-free label count out of evaluation batches.",
+        targets=(f"{TRAINER_MODULE}:Trainer._prepare_inputs",),
+        requires={"transformers": ">=4.46"},
+        toggle="PADDING_FREE",
+        active=_on("padding_free"),
+        handler="unsloth_patch.patches.label_count:handle_prepare_inputs",
     ),
     Patch(
         name="attention_interface",
@@ -303,6 +313,8 @@ def contained(name: str, handler):
 
         try:
             return handler(proceed, instance, args, kwargs)
+        except UnslothPatchError:
+            raise  # meant for the user (e.g. a toggle forced on where it cannot work)
         except Exception as exc:
             if state["entered"] and not state["returned"]:
                 raise

@@ -1,0 +1,147 @@
+"""The per-trainer decision: padding-free or not, and which attention path, with reasons.
+
+``decide`` is a pure function of the toggles and a few facts about the trainer, so the whole
+policy reads (and is tested) here, apart from how the facts are gathered and applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .errors import UnslothPatchError
+from .settings import Settings
+
+# Layers that carry state across tokens (recurrent / linear attention / SSM): flattening a batch
+# would let that state flow from one sequence into the next.
+STATEFUL_MODEL_TYPES = frozenset({
+    "mamba", "mamba2", "falcon_mamba", "jamba", "zamba", "zamba2", "bamba", "nemotron_h", "falcon_h1",
+    "granitemoehybrid", "qwen3_next", "lfm2", "lfm2_moe", "lfm2_vl", "rwkv", "recurrent_gemma", "plamo2",
+    "minimax", "kimi_linear", "olmo3_hybrid", "xlstm", "mamba_ssm",
+})
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "kernels-community")
+REPLACEABLE_IMPLEMENTATIONS = ("sdpa", "eager", None)
+
+
+@dataclass(frozen=True)
+class TrainerFacts:
+    """What the plan needs to know about one ``SFTTrainer(...)`` call."""
+
+    user_collator: Optional[str] = None  # class name of a collator the user passed
+    user_collator_flattenable: bool = False  # a TRL/transformers LM collator we know how to flatten
+    vision: Optional[str] = None  # why the data or processor is multimodal
+    encoder_decoder: bool = False
+    model_type: str = ""
+    layer_types: tuple = ()
+    packing: bool = False
+    packing_padding_free: bool = False  # TRL's bfd/ffd packing: already flat, needs boundaries only
+    padding_free_explicit: Optional[bool] = None  # the user's padding_free=..., None if left at default
+    attn_implementation: Optional[str] = None
+    attention_interface: bool = False  # our attention is registered (transformers >= 4.51)
+    packed_mask_detection: bool = False  # transformers' sdpa/eager isolate packed sequences on their own
+
+
+@dataclass
+class Plan:
+    """What the plugin does to one trainer, and why (also shown by the report)."""
+
+    padding_free: bool = False
+    padding_free_reason: str = ""
+    boundaries_only: bool = False  # TRL packing: keep its batches, add cu_seq_lens
+    attention: Optional[str] = None  # implementation to switch the model to, None = leave
+    attention_reason: str = ""
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_last: Optional[Plan] = None
+
+
+def last_plan() -> Optional[Plan]:
+    return _last
+
+
+def remember(plan: Plan) -> None:
+    global _last
+    _last = plan
+
+
+def padding_free_blocker(facts: TrainerFacts, settings: Settings) -> Optional[str]:
+    """The first reason padding-free batches would be unsafe or unwanted, or None."""
+    if facts.padding_free_explicit is False:
+        return "padding_free=False was passed explicitly"
+    if facts.user_collator and not facts.user_collator_flattenable:
+        return f"a custom data_collator ({facts.user_collator}) was passed"
+    if facts.vision:
+        return facts.vision
+    if facts.encoder_decoder:
+        return f"encoder-decoder model ({facts.model_type})"
+    if facts.model_type in STATEFUL_MODEL_TYPES:
+        return f"model type {facts.model_type!r} carries state across tokens"
+    odd_layers = sorted(set(facts.layer_types) - ATTENTION_LAYER_TYPES)
+    if odd_layers:
+        return f"model has non-attention layers ({', '.join(odd_layers)}) that carry state across tokens"
+    impl = facts.attn_implementation or "sdpa"
+    if any(impl.startswith(f) for f in FLASH_IMPLEMENTATIONS):
+        return None  # transformers' FlashAttention path reads the boundaries itself
+    if impl not in REPLACEABLE_IMPLEMENTATIONS and not facts.attention_interface:
+        return f"attention implementation {impl!r} cannot be made boundary-correct"
+    if settings.attention == "off":
+        if facts.packed_mask_detection and impl in ("sdpa", "eager"):
+            return None
+        return (f"UNSLOTH_PATCH_ATTENTION=off and this transformers' {impl} attention would attend across "
+                "sequences of a flattened batch")
+    if not facts.attention_interface:
+        return ("this transformers has no AttentionInterface (needs >= 4.51) and FlashAttention is not selected, "
+                f"so {impl} attention would attend across sequences of a flattened batch")
+    if impl not in REPLACEABLE_IMPLEMENTATIONS:
+        return f"attention implementation {impl!r} was chosen explicitly and has no varlen path"
+    return None
+
+
+def decide(settings: Settings, facts: TrainerFacts) -> Plan:
+    """Decide the plan; raise ``UnslothPatchError`` when a toggle forces the impossible."""
+    plan = Plan()
+    if facts.packing:
+        if facts.packing_padding_free and settings.padding_free != "off":
+            plan.boundaries_only = True
+            plan.padding_free_reason = "TRL packing builds padding-free rows; boundary metadata added"
+            blocker = padding_free_blocker(facts, settings)
+            if blocker is None:
+                plan.attention, plan.attention_reason = _attention(settings, facts)
+        else:
+            plan.padding_free_reason = "TRL packing (wrapped rows) left as it is"
+        return plan
+    if settings.padding_free == "off":
+        plan.padding_free_reason = "UNSLOTH_PATCH_PADDING_FREE=off"
+        return plan
+    blocker = padding_free_blocker(facts, settings)
+    if blocker is not None:
+        if settings.padding_free == "on":
+            raise UnslothPatchError(
+                f"UNSLOTH_PATCH_PADDING_FREE=on, but padding-free batches are impossible here: {blocker}. "
+                "Accepted: remove the blocker, or set UNSLOTH_PATCH_PADDING_FREE=auto (keeps padded batches) or off."
+            )
+        plan.padding_free_reason = f"padded batches kept: {blocker}"
+        return plan
+    plan.padding_free = True
+    plan.padding_free_reason = ("padding_free=True was passed; batches flattened after TRL's truncation"
+                                if facts.padding_free_explicit else "safe for this model and data")
+    plan.attention, plan.attention_reason = _attention(settings, facts)
+    return plan
+
+
+def _attention(settings: Settings, facts: TrainerFacts):
+    impl = facts.attn_implementation or "sdpa"
+    if any(impl.startswith(f) for f in FLASH_IMPLEMENTATIONS):
+        return None, f"kept the explicitly chosen {impl}"
+    if settings.attention == "off":
+        return None, f"UNSLOTH_PATCH_ATTENTION=off; {impl} isolates packed sequences with a dense mask"
+    if not facts.attention_interface:
+        return None, "AttentionInterface unavailable"
+    from .attention.dispatch import NAME
+
+    return NAME, f"{impl} replaced by {NAME} (UNSLOTH_PATCH_ATTENTION={settings.attention})"

@@ -42,6 +42,7 @@ raises a clear ``RuntimeError``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -83,14 +84,20 @@ def is_supported(device, dtype, head_dim) -> bool:
     """
     if torch is None or triton is None:
         return False
-    if int(head_dim) not in SUPPORTED_HEAD_DIMS or dtype not in _supported_dtypes():
-        return False
     device = torch.device(device)
-    if device.type == "cpu":
-        return _interpreting()
-    if device.type != "cuda" or not torch.cuda.is_available():
+    return _is_supported_cached(device.type, device.index, dtype, int(head_dim), _interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _is_supported_cached(device_type, device_index, dtype, head_dim, interpreting) -> bool:
+    # Cached: the capability query is a measurable part of a small call's CPU time.
+    if head_dim not in SUPPORTED_HEAD_DIMS or dtype not in _supported_dtypes():
         return False
-    major, _ = torch.cuda.get_device_capability(device)
+    if device_type == "cpu":
+        return interpreting
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(torch.device(device_type, device_index))
     return major >= 8
 
 
@@ -180,7 +187,7 @@ if triton is not None:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         total_tokens, window,
         qk_scale_log2, softcap_in, softcap_out_log2,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -295,7 +302,7 @@ if triton is not None:
         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         total_tokens, window,
         sm_scale, qk_scale_log2, softcap_in, softcap_out_log2,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -404,7 +411,7 @@ if triton is not None:
         stride_dot, stride_doh, stride_dqt, stride_dqh,
         total_tokens, window,
         sm_scale, qk_scale_log2, softcap_in, softcap_out_log2,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -460,8 +467,8 @@ if triton is not None:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, hand-picked per head
 # dim on an H100 (see docs/kernel-notes.md). Keys: fwd, bwd_kv, bwd_q.
 _GPU_CONFIGS = {
-    64: {"fwd": (128, 64, 4, 3), "bwd_kv": (64, 128, 8, 3), "bwd_q": (128, 64, 8, 3)},
-    128: {"fwd": (128, 64, 8, 3), "bwd_kv": (64, 128, 8, 2), "bwd_q": (128, 64, 8, 2)},
+    64: {"fwd": (64, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
+    128: {"fwd": (64, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
     256: {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 1), "bwd_q": (32, 32, 4, 1)},
 }
 # Small tiles keep the CPU interpreter fast; 16 is tl.dot's minimum.

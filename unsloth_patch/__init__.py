@@ -14,7 +14,7 @@ from .registry import PatchRecord
 from .settings import Settings, current, read_settings, set_current, unknown_variables
 
 __version__ = "0.1.0"
-__all__ = ["activate", "apply", "remove", "report", "last_plan", "settings", "Settings", "PatchRecord"]
+__all__ = ["activate", "apply", "remove", "report", "last_plan", "current_settings", "Settings", "UnslothSFTConfig", "PatchRecord"]
 
 _disabled = False
 
@@ -37,7 +37,7 @@ def activate() -> None:
         log.once("activate", logging.WARNING, "unsloth_patch could not activate: %s", exc)
 
 
-def settings() -> Settings:
+def current_settings() -> Settings:
     """The toggles in force."""
     return current()
 
@@ -68,6 +68,15 @@ def last_plan():
     from .plan import last_plan as _last
 
     return _last()
+
+
+def __getattr__(name):
+    """Load UnslothSFTConfig (which imports TRL) only when asked for."""
+    if name == "UnslothSFTConfig":
+        from .config import UnslothSFTConfig
+
+        return UnslothSFTConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 activate()

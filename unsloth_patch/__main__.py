@@ -47,7 +47,7 @@ def print_report(out=sys.stdout) -> int:
     write(f"gpu {_gpu()}")
     write()
     write("toggles:")
-    for name, value in unsloth_patch.settings().as_environment().items():
+    for name, value in unsloth_patch.current_settings().as_environment().items():
         write(f"  {name}={value}")
     write()
     write("patches:")

@@ -10,7 +10,6 @@ import pytest
 
 import unsloth_patch
 from unsloth_patch import log, registry
-from unsloth_patch.patches import compat_args
 from unsloth_patch.patches.compat_args import (
     CompatConflictError,
     CompatUnplaceableError,

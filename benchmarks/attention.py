@@ -233,9 +233,9 @@ def method_flex(q, k, v, cu, lens):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _FLEX_COMPILED is None:
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
-        torch._dynamo.config.cache_size_limit = 64  # never fall back to (slow, quadratic-memory) eager flex
+        dynamo.config.cache_size_limit = 64  # never fall back to (slow, quadratic-memory) eager flex
         _FLEX_COMPILED = torch.compile(flex_attention)
     t = q.shape[0]
     doc = torch.repeat_interleave(torch.arange(len(lens), device=q.device),

@@ -467,8 +467,8 @@ if triton is not None:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, hand-picked per head
 # dim on an H100 (see docs/kernel-notes.md). Keys: fwd, bwd_kv, bwd_q.
 _GPU_CONFIGS = {
-    64: {"fwd": (64, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
-    128: {"fwd": (64, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
+    64: {"fwd": (64, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 4)},
+    128: {"fwd": (64, 64, 4, 3), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 4)},
     256: {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 1), "bwd_q": (32, 32, 4, 1)},
 }
 # Small tiles keep the CPU interpreter fast; 16 is tl.dot's minimum.

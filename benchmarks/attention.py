@@ -236,6 +236,12 @@ def method_flex(q, k, v, cu, lens):
         import torch._dynamo as dynamo
 
         dynamo.config.cache_size_limit = 64  # never fall back to (slow, quadratic-memory) eager flex
+        try:  # the bwd-only timing replays backward with retain_graph=True
+            import torch._functorch.config as functorch_config
+
+            functorch_config.donated_buffer = False
+        except (ImportError, AttributeError):
+            pass
         _FLEX_COMPILED = torch.compile(flex_attention)
     t = q.shape[0]
     doc = torch.repeat_interleave(torch.arange(len(lens), device=q.device),

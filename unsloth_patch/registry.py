@@ -58,6 +58,15 @@ PATCHES: tuple[Patch, ...] = (
         parameters=("model", "args", "train_dataset"),
     ),
     Patch(
+        name="compat_config",
+        summary="Translate SFTConfig field names written for other TRL versions.",
+        targets=("trl.trainer.sft_config:SFTConfig.__init__",),
+        requires={"trl": ">=0.11"},
+        toggle="COMPAT",
+        active=_on("compat"),
+        handler="unsloth_patch.patches.compat_args:handle_sft_config_init",
+    ),
+    Patch(
         name="config_fields",
         summary="Record which SFTConfig/TrainingArguments fields the user passed explicitly.",
         targets=("trl.trainer.sft_config:SFTConfig.__init__", "transformers.training_args:TrainingArguments.__init__"),

@@ -47,10 +47,16 @@ tok = AutoTokenizer.from_pretrained("./model")
 ds = load_dataset("json", data_files="chat.jsonl", split="train")  # {{"messages": [...]}} per line
 
 on_gpu = torch.cuda.is_available()
-# The only version branches: TRL < 0.16 calls the length limit `max_seq_length`
-# (later `max_length`), and TRL < 0.12 takes `tokenizer=` instead of `processing_class=`.
+# The only branches are on the TRL version: TRL < 0.16 calls the length limit
+# `max_seq_length` (later `max_length`); TRL < 0.15 spots chat datasets by an exact
+# feature schema that datasets >= 4 no longer produces, so there the chat template is
+# applied up front (as those versions would do themselves); TRL < 0.12 takes
+# `tokenizer=` instead of `processing_class=`.
 TRL = Version(trl.__version__)
-length = {{"max_seq_length": MAX_LENGTH}} if TRL < Version("0.16") else {{"max_length": MAX_LENGTH}}
+extra = {{"max_seq_length": MAX_LENGTH}} if TRL < Version("0.16") else {{"max_length": MAX_LENGTH}}
+if TRL < Version("0.15"):
+    ds = ds.map(lambda ex: {{"text": tok.apply_chat_template(ex["messages"], tokenize=False)}}, remove_columns=["messages"])
+    extra["dataset_text_field"] = "text"
 
 args = SFTConfig(
     output_dir=tempfile.mkdtemp(),
@@ -66,7 +72,7 @@ args = SFTConfig(
     bf16=on_gpu and torch.cuda.is_bf16_supported(),
     use_cpu=not on_gpu,
     seed=0,
-    **length,
+    **extra,
 )
 if TRL >= Version("0.12"):
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)

@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "unsloth_patch", "data", "chitchat_sample.jsonl")
 
 
-def convert(conversation: dict) -> list[dict] | None:
+def convert(conversation: dict, max_turns: int | None = MAX_TURNS) -> list[dict] | None:
     """Turn one chitchat conversation into TRL ``messages``, or None if too short."""
     turns: list[tuple[str, str]] = []  # (sender, text)
     for group in conversation["messages"]:
@@ -49,7 +49,7 @@ def convert(conversation: dict) -> list[dict] | None:
             turns[-1] = (sender, turns[-1][1] + "\n" + text)
         else:
             turns.append((sender, text))
-    turns = turns[:MAX_TURNS]
+    turns = turns[:max_turns]
     if len(turns) % 2:
         turns = turns[:-1]
     if len(turns) < 2:

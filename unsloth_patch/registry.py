@@ -131,6 +131,16 @@ PATCHES: tuple[Patch, ...] = (
         active=lambda s: True,
         install="unsloth_patch.patches.embedding_lr:install_config_field",
     ),
+    Patch(
+        name="checkpointing",
+        summary="Replace TRL's default gradient checkpointing by the cheapest policy that fits, probed at train start.",
+        targets=(f"{TRAINER_MODULE}:Trainer.train",),
+        requires={"transformers": ">=4.46"},
+        toggle="CHECKPOINTING",
+        active=_on("checkpointing"),
+        handler="unsloth_patch.patches.checkpointing:handle_train",
+        parameters=("resume_from_checkpoint", "trial"),
+    ),
 )
 
 

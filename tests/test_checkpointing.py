@@ -1,0 +1,325 @@
+"""Activation checkpointing policy: probe, budget, branches, explicit settings, exact losses.
+
+Runs on CPU with every TRL / transformers pair of the matrix. The budget comes from
+UNSLOTH_PATCH_MEMORY_BUDGET_GB (set through the settings object here); each budget is derived
+from peaks probed in the test itself, so the tests do not depend on exact byte counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+import unsloth_patch  # noqa: E402  (activates the patches before TRL/transformers load)
+from unsloth_patch import checkpointing as policy  # noqa: E402
+from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
+from unsloth_patch.patches.config_fields import explicit_fields  # noqa: E402
+from unsloth_patch.tiny import build_model, build_tokenizer  # noqa: E402
+
+from .helpers import config_fields, losses, plugin_log, sft_config, sft_trainer, text_dataset  # noqa: E402
+
+unsloth_patch.apply()
+settings_module = sys.modules["unsloth_patch.settings"]
+GIB = policy.GIB
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer):
+    return text_dataset(tokenizer, limit=16)
+
+
+@pytest.fixture
+def use_settings(monkeypatch):
+    def set_(**values):
+        monkeypatch.setattr(settings_module, "_current", dataclasses.replace(settings_module.current(), **values))
+
+    return set_
+
+
+def _config(tmp_path, default_on=True, **overrides):
+    """A config whose gradient checkpointing is on only by default (``was_explicit`` False)."""
+    from trl import SFTConfig
+
+    values = dict(max_length=32, per_device_train_batch_size=2, max_steps=2)
+    if "bf16" in config_fields(SFTConfig):
+        values["bf16"] = False
+    values.update(overrides)
+    config = sft_config(tmp_path, **values)
+    if default_on and "gradient_checkpointing" not in overrides:
+        # TRL >= 0.24 defaults to True; older TRL defaults to False, so set it as that default would
+        for name in wiring.FLAG_FIELDS:
+            if hasattr(config, name):
+                object.__setattr__(config, name, True)
+        assert not any(n in (explicit_fields(config) or ()) for n in wiring.FLAG_FIELDS)
+    return config
+
+
+def _trainer(tokenizer, dataset, config, **kwargs):
+    model = build_model("llama", vocab_size=len(tokenizer), seed=0)
+    return sft_trainer(model, tokenizer, dataset, config, **kwargs)
+
+
+def _layers_checkpointing(trainer):
+    return {type(m._gradient_checkpointing_func).__name__ if hasattr(m, "_gradient_checkpointing_func") else None
+            for m in trainer.model.modules() if getattr(m, "gradient_checkpointing", False)}
+
+
+@pytest.fixture(scope="module")
+def probed(tokenizer, dataset, tmp_path_factory):
+    """Peak of each candidate and the later extra, measured once on the test trainer's shape."""
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path_factory.mktemp("probe")))
+    spec = wiring.probe_spec(trainer)
+    peaks = {name: policy.measure(trainer.model, spec, name, {}, None, None) for name in policy.POLICIES}
+    return peaks, wiring.extra_bytes(trainer)
+
+
+def _budget(nbytes):
+    return (nbytes + 64) / GIB
+
+
+# --------------------------------------------------------------------------- pure policy
+
+
+def test_choose_keeps_the_fastest_that_fits_and_skips_slower_ones():
+    seen = []
+
+    def measure(name):
+        seen.append(name)
+        return {"none": 100, "selective": 70, "offload": 40, "full": 50}[name]
+
+    assert policy.choose(policy.POLICIES, measure, budget=80, extra=5) == ("selective", {"none": 100, "selective": 70})
+    assert seen == ["none", "selective"]
+    assert policy.choose(policy.POLICIES, measure, budget=10)[0] is None
+
+
+def test_choose_falls_through_an_out_of_memory_candidate():
+    def measure(name):
+        if name == "none":
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return 10
+
+    assert policy.choose(policy.POLICIES, measure, budget=100) == ("selective", {"none": None, "selective": 10})
+
+
+def test_ranks_agree_on_the_most_conservative_policy():
+    index = policy.POLICIES.index
+    assert policy.POLICIES[policy.agree([index("none"), index("offload"), index("selective")])] == "offload"
+    assert policy.agree([0, 0]) == 0
+    assert policy.agree_across_ranks(1) == 1  # no process group: this rank's own choice
+
+
+def test_budget_rules():
+    assert policy.budget_for(80 * GIB, None) == 72 * GIB
+    assert policy.budget_for(80 * GIB, None, available_bytes=40 * GIB) == 32 * GIB
+    assert policy.budget_for(80 * GIB, 10.0) == 10 * GIB
+    assert policy.budget_for(None, None) is None
+    assert policy.optimizer_state_bytes(400, 100, "adamw_torch") == 800
+
+
+def test_probed_peaks_rank_like_device_memory(probed):
+    peaks, _ = probed
+    # offload saves the layer inputs that are stored at the peak; in this tiny model the peak is
+    # the recomputation of the bottom layer, whose input is back on the device either way
+    assert peaks["none"] > peaks["selective"] > peaks["full"] >= peaks["offload"] > 0
+
+
+def test_offload_moves_saved_layer_inputs_off_the_device():
+    layer = torch.nn.Linear(128, 128)
+    x = torch.randn(64, 128, requires_grad=True)
+
+    def live_after_forward(name):
+        tracker = policy._LiveBytes()
+        with tracker.measuring():
+            h = x * 2  # a layer input: afterwards only the checkpoint refers to it
+            out = policy.checkpoint_function(name)(lambda t: layer(t).relu(), h)
+            del h
+            tracker.sweep()
+            live = tracker.current
+        out.sum().backward()
+        return live
+
+    assert live_after_forward("full") - live_after_forward("offload") == 64 * 128 * 4
+
+
+def test_probe_restores_model_grads_and_rng(tokenizer, dataset, tmp_path):
+    import random
+
+    import numpy
+
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path))
+    model = trainer.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [(m, m.__dict__.get("gradient_checkpointing")) for m in model.modules()]
+    model.eval()
+    states = torch.get_rng_state(), random.getstate(), numpy.random.get_state()[1].copy()
+    policy.measure(model, wiring.probe_spec(trainer), "selective", {}, None, None)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [(m, m.__dict__.get("gradient_checkpointing")) for m in model.modules()] == flags
+    assert not model.training
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (numpy.random.get_state()[1] == states[2]).all()
+
+
+# --------------------------------------------------------------------------- branches through Trainer.train
+
+
+@pytest.mark.parametrize("expected", ["none", "selective", "offload"])
+def test_each_branch_under_a_matching_budget(expected, probed, tokenizer, dataset, tmp_path, use_settings, caplog):
+    peaks, extra = probed
+    use_settings(memory_budget_gb=_budget(peaks[expected] + extra))
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
+    with plugin_log(caplog):
+        trainer.train()
+    decision = policy.last_decision()
+    assert decision.policy == expected, decision.summary()
+    assert decision.probed
+    assert list(decision.peaks) == list(policy.POLICIES[: policy.POLICIES.index(expected) + 1])
+    assert decision.peaks == {k: peaks[k] for k in decision.peaks}
+    assert any("checkpointing: " + expected in r.getMessage() for r in caplog.records)
+    assert wiring.checkpointing_on(trainer.args)  # the user's arguments are back after train()
+    layers = _layers_checkpointing(trainer)
+    if expected == "none":
+        assert layers == set()
+    else:
+        assert layers == {"function"}
+
+
+def test_full_when_nothing_else_fits(probed, tokenizer, dataset, tmp_path, use_settings, monkeypatch):
+    peaks, extra = probed
+    use_settings(memory_budget_gb=_budget(peaks["full"] + extra))
+    real = policy.run_probe
+
+    def offload_runs_out(model, batch, name, kwargs, mixed):
+        if name == "offload":
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(model, batch, name, kwargs, mixed)
+
+    monkeypatch.setattr(policy, "run_probe", offload_runs_out)
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
+    trainer.train()
+    decision = policy.last_decision()
+    assert decision.policy == "full" and decision.peaks["offload"] is None
+    assert decision.peaks["full"] == peaks["full"]
+    assert _layers_checkpointing(trainer) == {"partial"}  # transformers' own checkpoint, as TRL set it
+
+
+def test_budget_below_every_candidate_keeps_full(probed, tokenizer, dataset, tmp_path, use_settings):
+    peaks, extra = probed
+    use_settings(memory_budget_gb=_budget(peaks["offload"] // 2))
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
+    trainer.train()
+    decision = policy.last_decision()
+    assert decision.policy == "full" and "no candidate fits" in decision.reason
+    assert all(v is None for v in decision.peaks.values())  # each ran into the simulated limit
+
+
+def test_probe_out_of_memory_falls_through(tokenizer, dataset, tmp_path, use_settings, monkeypatch):
+    use_settings(memory_budget_gb=64.0)
+    real = policy.run_probe
+
+    def none_runs_out(model, batch, name, kwargs, mixed):
+        if name == "none":
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(model, batch, name, kwargs, mixed)
+
+    monkeypatch.setattr(policy, "run_probe", none_runs_out)
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
+    trainer.train()
+    decision = policy.last_decision()
+    assert decision.policy == "selective"
+    assert decision.peaks["none"] is None and decision.peaks["selective"] > 0
+    assert all(p.grad is None or p.grad.abs().sum() >= 0 for p in trainer.model.parameters())
+
+
+def _no_probe(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("the probe must not run")
+
+    monkeypatch.setattr(policy, "measure", fail)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_explicit_setting_is_untouched(value, tokenizer, dataset, tmp_path, use_settings, monkeypatch):
+    use_settings(memory_budget_gb=64.0)
+    _no_probe(monkeypatch)
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1, gradient_checkpointing=value))
+    trainer.train()
+    decision = policy.last_decision()
+    assert not decision.probed and "explicitly" in decision.reason
+    assert decision.policy == ("full" if value else "none")
+    assert bool(_layers_checkpointing(trainer)) is value
+    assert trainer.args.gradient_checkpointing is value
+
+
+def test_toggle_off_and_missing_budget_leave_trl_default(tokenizer, dataset, tmp_path, use_settings, monkeypatch):
+    _no_probe(monkeypatch)
+    use_settings(checkpointing="off", memory_budget_gb=64.0)
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
+    trainer.train()
+    assert policy.last_decision().policy == "full" and "=off" in policy.last_decision().reason
+    assert _layers_checkpointing(trainer) == {"partial"}
+    use_settings(checkpointing="auto", memory_budget_gb=None)  # CPU without a budget: nothing to measure
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
+    trainer.train()
+    assert policy.last_decision().policy == "full" and "no GPU" in policy.last_decision().reason
+
+
+def test_unknown_explicitness_counts_as_explicit(tokenizer, dataset, tmp_path, use_settings, monkeypatch):
+    use_settings(memory_budget_gb=64.0)
+    _no_probe(monkeypatch)
+    config = _config(tmp_path, max_steps=1)
+    object.__delattr__(config, "_unsloth_patch_explicit_fields")
+    trainer = _trainer(tokenizer, dataset, config)
+    trainer.train()
+    assert "cannot tell" in policy.last_decision().reason
+
+
+# --------------------------------------------------------------------------- exact losses
+
+
+def _five_steps(tokenizer, dataset, tmp_path, **overrides):
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=5, **overrides))
+    trainer.train()
+    return losses(trainer), policy.last_decision()
+
+
+def test_losses_identical_to_the_run_without_probe(probed, tokenizer, dataset, tmp_path, use_settings, monkeypatch):
+    peaks, extra = probed
+    # none: the probed run against the same run with checkpointing turned off by the user
+    use_settings(memory_budget_gb=_budget(peaks["none"] + extra))
+    probed_none, decision = _five_steps(tokenizer, dataset, tmp_path)
+    assert decision.policy == "none"
+    plain, _ = _five_steps(tokenizer, dataset, tmp_path, gradient_checkpointing=False)
+    assert len(plain) == 5 and probed_none == plain
+    # selective: the probed run against the same policy installed without any probe
+    use_settings(memory_budget_gb=_budget(peaks["selective"] + extra))
+    probed_selective, decision = _five_steps(tokenizer, dataset, tmp_path)
+    assert decision.policy == "selective"
+    monkeypatch.setattr(wiring, "decide", lambda trainer, settings: policy.Decision("selective", "forced", True))
+    forced, _ = _five_steps(tokenizer, dataset, tmp_path)
+    assert len(forced) == 5 and probed_selective == forced
+
+
+def test_lora_trains_under_the_chosen_policy(probed, tokenizer, dataset, tmp_path, use_settings):
+    peft = pytest.importorskip("peft")
+    use_settings(memory_budget_gb=64.0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=2), peft_config=config)
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert policy.last_decision().policy == "none"
+    assert all(l == l for l in losses(trainer))
+    changed = [n for n, p in trainer.model.named_parameters() if n in lora and not torch.equal(p, lora[n])]
+    assert changed

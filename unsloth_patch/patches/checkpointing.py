@@ -1,0 +1,268 @@
+"""``Trainer.train``: choose the activation checkpointing policy once, before training starts.
+
+transformers turns checkpointing on inside ``train`` (5.x) or ``_inner_training_loop`` (4.x),
+so wrapping ``train`` decides before either. When the policy is not TRL's ``full``, the
+trainer's ``gradient_checkpointing`` / ``activation_checkpointing`` argument is set to False for
+the duration of the call (transformers then leaves the model alone) and the chosen checkpoint
+function is installed on the model's layers directly. The arguments are restored when
+``train`` returns; the decision is kept on the trainer and reused by a later ``train``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .. import checkpointing as policy
+from .. import log
+from ..collate import PaddingFreeCollator
+from ..edits import Edits
+from ..settings import current
+from .config_fields import was_explicit
+
+_ATTRIBUTE = "_unsloth_patch_checkpointing"
+FLAG_FIELDS = ("gradient_checkpointing", "activation_checkpointing")
+KWARGS_FIELDS = ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")
+
+
+def handle_train(proceed, trainer, args, kwargs):
+    decision = getattr(trainer, _ATTRIBUTE, None)
+    if decision is None:
+        decision = decide(trainer, current())
+        try:
+            object.__setattr__(trainer, _ATTRIBUTE, decision)
+        except Exception:
+            pass
+        policy.remember(decision)
+        log.logger.info("%s", decision.summary())
+    if not decision.changes_training:
+        if decision.probed:
+            _input_grads_for_reentrant(trainer)
+        return proceed(*args, **kwargs)
+    edits = Edits()
+    try:
+        apply(trainer, decision.policy, edits)
+    except Exception:
+        edits.rollback()
+        raise
+    try:
+        return proceed(*args, **kwargs)
+    finally:
+        edits.rollback()
+
+
+# --------------------------------------------------------------------------- deciding
+
+
+def checkpointing_on(args) -> bool:
+    value = getattr(args, "activation_checkpointing", None)
+    if value is None:
+        value = getattr(args, "gradient_checkpointing", False)
+    return bool(value)
+
+
+def explicit_reason(args):
+    """Why the user's checkpointing setting must be left alone, or None when it is TRL's default."""
+    names = [n for n in FLAG_FIELDS + KWARGS_FIELDS if hasattr(args, n)]
+    known = [was_explicit(args, n) for n in names]
+    if any(k is None for k in known):
+        return ("cannot tell whether gradient_checkpointing was passed (the config was created before "
+                "unsloth_patch was imported); treated as explicit")
+    passed = [n for n, k in zip(names, known) if k]
+    if passed:
+        return f"{', '.join(passed)} passed explicitly"
+    return None
+
+
+def _model(trainer):
+    return trainer.model
+
+
+def _base(model):
+    getter = getattr(model, "get_base_model", None)
+    return getter() if callable(getter) else model
+
+
+def blocker(trainer, settings):
+    """Config-level reasons (the same on every rank) to keep TRL's checkpointing without a probe."""
+    args = trainer.args
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
+        return "DeepSpeed partitions the model after train() starts; the probe cannot measure it"
+    if getattr(trainer, "model_init", None) is not None:
+        return "model_init builds the model inside train()"
+    if getattr(args, "auto_find_batch_size", False):
+        return "auto_find_batch_size changes the batch size during train()"
+    if getattr(_base(_model(trainer)), "supports_gradient_checkpointing", True) is False:
+        return "the model does not support gradient checkpointing"
+    return None
+
+
+def kwargs_of(args) -> dict:
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        value = getattr(args, name, None)
+        if value:
+            return dict(value)
+    return {}
+
+
+def probe_spec(trainer):
+    """The largest batch this run can produce: lengths of its sequences, flat or padded."""
+    args = trainer.args
+    batch_size = int(getattr(trainer, "_train_batch_size", None) or args.per_device_train_batch_size)
+    max_length = getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
+    packing = bool(getattr(args, "packing", False))
+    flat = isinstance(trainer.data_collator, PaddingFreeCollator) or bool(getattr(args, "padding_free", False)) \
+        or packing
+    lengths = None if packing else _dataset_lengths(trainer.train_dataset)
+    if lengths:
+        if max_length:
+            lengths = [min(n, int(max_length)) for n in lengths]
+        lengths = sorted(lengths, reverse=True)[:batch_size]
+    elif max_length:
+        lengths = [int(max_length)] * batch_size
+    else:
+        return None
+    if not flat:
+        lengths = [max(lengths)] * len(lengths)
+    return policy.ProbeBatch(lengths=lengths, flat=flat)
+
+
+def _dataset_lengths(dataset):
+    try:
+        import pyarrow.compute as pc
+
+        column = dataset.data.column("input_ids")
+        return [int(n) for n in pc.list_value_length(column).to_pylist()]
+    except Exception:
+        return None
+
+
+def _mixed(args):
+    if getattr(args, "bf16", False):
+        return "bf16"
+    if getattr(args, "fp16", False):
+        return "fp16"
+    return None
+
+
+def memory_of(device, settings):
+    """(card bytes, budget bytes) for ``device``; the budget is None when there is nothing to measure."""
+    import torch
+
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        available = free + torch.cuda.memory_reserved(device)
+        return total, policy.budget_for(total, settings.memory_budget_gb, available)
+    if settings.memory_budget_gb is None:
+        return None, None
+    budget = policy.budget_for(None, settings.memory_budget_gb)
+    return budget, budget
+
+
+def extra_bytes(trainer) -> int:
+    model = _model(trainer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    nbytes = sum(p.numel() * p.element_size() for p in trainable)
+    numel = sum(p.numel() for p in trainable)
+    extra = policy.optimizer_state_bytes(nbytes, numel, getattr(trainer.args, "optim", "adamw_torch"))
+    world = int(getattr(trainer.args, "world_size", 1) or 1)
+    if world > 1 and not getattr(trainer, "is_fsdp_enabled", False):
+        extra += nbytes  # DDP's gradient buckets
+    return extra
+
+
+def decide(trainer, settings) -> policy.Decision:
+    args = trainer.args
+    on = checkpointing_on(args)
+    if settings.checkpointing == "off":
+        return policy.Decision("full" if on else "none", "UNSLOTH_PATCH_CHECKPOINTING=off; left as configured")
+    explicit = explicit_reason(args)
+    if explicit is not None:
+        return policy.Decision("full" if on else "none", f"{explicit}; left as configured")
+    if not on:
+        return policy.Decision("none", "gradient checkpointing is off")
+    why = blocker(trainer, settings)
+    if why is not None:
+        return policy.Decision("full", f"TRL's default kept: {why}")
+    try:
+        decision = _decide_locally(trainer, settings)
+    except Exception as exc:  # every rank must still reach the agreement below
+        log.once(("checkpointing-probe", type(exc).__name__), logging.WARNING,
+                 "checkpointing probe failed (%s: %s); keeping TRL's default", type(exc).__name__, exc)
+        decision = policy.Decision("full", f"TRL's default kept: the probe failed ({type(exc).__name__}: {exc})")
+    decision.local_policy = decision.policy
+    agreed = policy.POLICIES[policy.agree_across_ranks(policy.POLICIES.index(decision.policy))]
+    if agreed != decision.policy:
+        decision.reason += f"; ranks agreed on the more conservative {agreed}"
+        decision.policy = agreed
+    if decision.policy != "full":
+        decision.probed = True
+    return decision
+
+
+def _decide_locally(trainer, settings) -> policy.Decision:
+    import torch
+
+    model = _model(trainer)
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    expected = getattr(trainer.args, "device", device)
+    if torch.device(expected).type != device.type:
+        return policy.Decision("full", f"TRL's default kept: the model is on {device.type}, not yet on "
+                                       f"the training device {expected}", device=str(device))
+    card, budget = memory_of(device, settings)
+    if budget is None:
+        return policy.Decision("full", "TRL's default kept: no GPU and no UNSLOTH_PATCH_MEMORY_BUDGET_GB to "
+                                       "measure against", device=str(device))
+    spec = probe_spec(trainer)
+    if spec is None:
+        return policy.Decision("full", "TRL's default kept: no max_length and no tokenized dataset to size "
+                                       "the probe batch", device=str(device), card_bytes=card, budget_bytes=budget)
+    kwargs = kwargs_of(trainer.args)
+    candidates = ["none"]
+    if policy.selective_available() and not kwargs.get("use_reentrant"):
+        candidates.append("selective")
+    candidates += ["offload", "full"]
+    extra = extra_bytes(trainer)
+    limit = card if device.type != "cuda" else None
+    mixed = _mixed(trainer.args)
+
+    def measure(name):
+        return policy.measure(model, spec, name, kwargs, mixed, limit)
+
+    chosen, peaks = policy.choose(candidates, measure, budget, extra)
+    decision = policy.Decision("full", "", peaks=peaks, extra_bytes=extra, budget_bytes=budget, card_bytes=card,
+                               device=str(device), tokens=sum(spec.lengths))
+    if chosen is None:
+        decision.reason = "no candidate fits the budget; TRL's full checkpointing kept"
+    else:
+        decision.policy = chosen
+        decision.reason = ("fastest candidate whose probed peak plus optimizer state fits the budget"
+                           if chosen != "full" else "only full checkpointing fits the budget")
+    decision.probed = True
+    return decision
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def apply(trainer, name: str, edits: Edits) -> None:
+    """Make ``train`` run under policy ``name`` (not ``full``); argument changes go through ``edits``."""
+    args = trainer.args
+    kwargs = kwargs_of(args)
+    for field in FLAG_FIELDS:
+        if hasattr(args, field) and getattr(args, field):
+            edits.setattr(args, field, False)
+    policy.install(_model(trainer), name, kwargs)
+
+
+def _input_grads_for_reentrant(trainer) -> None:
+    """Reentrant checkpoints of a PEFT model need inputs that require grad (TRL < 0.24 does not do it)."""
+    args = trainer.args
+    model = _model(trainer)
+    kwargs = kwargs_of(args)
+    reentrant = kwargs.get("use_reentrant", True) if not kwargs or "use_reentrant" in kwargs else True
+    if not (checkpointing_on(args) and reentrant and hasattr(model, "peft_config")):
+        return
+    base = _base(model)
+    if getattr(base, "_require_grads_hook", None) is None and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()

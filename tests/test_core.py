@@ -68,11 +68,12 @@ def test_patched_when_imported_after_trl_and_remove_restores_identity():
         assert changed, "nothing was patched"
         unsloth_patch.remove()
         assert all(current(t) is before[t] for t in targets), [t for t in targets if current(t) is not before[t]]
-        from transformers.modeling_utils import AttentionInterface
-        assert "unsloth_varlen" not in AttentionInterface._global_mapping
+        import transformers.modeling_utils as mu
+        interface = getattr(mu, "AttentionInterface", None)  # transformers >= 4.51
+        assert interface is None or "unsloth_varlen" not in interface._global_mapping
         unsloth_patch.apply()
         assert ours(SFTTrainer.__dict__["__init__"]) == ["compat_args", "trainer_plan"]
-        assert "unsloth_varlen" in AttentionInterface._global_mapping
+        assert interface is None or "unsloth_varlen" in interface._global_mapping
         print("OK")
     """))
     assert result.returncode == 0, result.stderr[-3000:]

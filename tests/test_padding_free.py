@@ -15,9 +15,15 @@ from unsloth_patch.errors import UnslothPatchError
 from unsloth_patch.settings import Settings
 from unsloth_patch.tiny import available_families, build_model, build_tokenizer
 
+from unsloth_patch.versions import at_least
+
 from .helpers import TRL, config_fields, losses, needs_trl, plugin_log, sft_config, sft_trainer, text_dataset
 
 IGNORE = -100
+VARLEN = at_least("transformers", "4.51")  # AttentionInterface: a boundary-correct path for sdpa/eager models
+needs_varlen = pytest.mark.skipif(
+    not VARLEN, reason="transformers < 4.51 has no AttentionInterface, so padding-free is blocked there "
+                       "(checked by test_old_transformers_keeps_padded_batches_and_says_why)")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +73,7 @@ def stock():
 
 # -- the batches ----------------------------------------------------------------------------------
 
+@needs_varlen
 def test_unchanged_script_trains_on_flattened_batches(tokenizer, dataset, tmp_path, caplog):
     with plugin_log(caplog):
         trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64))
@@ -87,6 +94,7 @@ def test_unchanged_script_trains_on_flattened_batches(tokenizer, dataset, tmp_pa
     assert trainer.model.config._attn_implementation == "unsloth_varlen"
 
 
+@needs_varlen
 def test_flattened_batch_holds_exactly_the_padded_tokens(tokenizer, dataset, tmp_path, stock):
     with stock:
         padded = _first_batch(sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64)))
@@ -97,6 +105,7 @@ def test_flattened_batch_holds_exactly_the_padded_tokens(tokenizer, dataset, tmp
         assert flat_labels[1:] == padded_labels[1:] and flat_labels[0] == IGNORE
 
 
+@needs_varlen
 @pytest.mark.parametrize("family", available_families())
 def test_per_sequence_logits_equal_each_sequences_own_forward(family, tokenizer, dataset, tmp_path):
     overrides = {"sliding_window": 8} if family in ("mistral", "qwen2", "gemma2") else {}
@@ -117,6 +126,15 @@ def test_per_sequence_logits_equal_each_sequences_own_forward(family, tokenizer,
             assert (flat_logits[start:end] - own).abs().max().item() <= 1e-5, (family, start, end)
 
 
+@pytest.mark.skipif(VARLEN, reason="only transformers < 4.51 lacks AttentionInterface")
+def test_old_transformers_keeps_padded_batches_and_says_why(tokenizer, dataset, tmp_path):
+    trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64, max_steps=2))
+    assert not isinstance(trainer.data_collator, PaddingFreeCollator)
+    assert "no AttentionInterface" in unsloth_patch.last_plan().padding_free_reason
+    trainer.train()
+    assert len(losses(trainer)) == 2
+
+
 # -- the loss -------------------------------------------------------------------------------------
 
 def _trained_tokens(trainer, shifted_rows: bool):
@@ -127,6 +145,7 @@ def _trained_tokens(trainer, shifted_rows: bool):
     return total
 
 
+@needs_varlen
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_five_steps_give_the_padded_runs_losses_and_tokens(tokenizer, dataset, tmp_path, stock, accumulation):
     config = dict(max_length=64, max_steps=5, gradient_accumulation_steps=accumulation)
@@ -144,6 +163,7 @@ def test_five_steps_give_the_padded_runs_losses_and_tokens(tokenizer, dataset, t
     assert _trained_tokens(flat, shifted_rows=False) == padded_tokens
 
 
+@needs_varlen
 def test_lora_model_trains_padding_free_with_the_padded_loss(tokenizer, dataset, tmp_path, stock):
     peft = pytest.importorskip("peft")
 
@@ -224,6 +244,7 @@ def test_completion_only_loss_masks_survive_flattening(tokenizer, tmp_path, stoc
     _assert_same_labels(padded, flat)
 
 
+@needs_varlen
 @pytest.mark.skipif(TRL >= __import__("packaging.version").version.Version("0.20"),
                     reason="DataCollatorForCompletionOnlyLM was removed in TRL 0.20")
 def test_completion_only_collator_masks_survive_flattening(tokenizer, dataset, tmp_path, stock):

@@ -25,10 +25,17 @@ def release(distribution: str) -> Optional[Version]:
     return None if version is None else Version(version.base_version)
 
 
-def unmet(requirements: Mapping[str, str]) -> Optional[str]:
-    """Why ``requirements`` ({distribution: specifier}) are not met, or None if they are."""
+def unmet(requirements: Mapping[str, str], versions: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Why ``requirements`` ({distribution: specifier}) are not met, or None if they are.
+
+    ``versions`` ({distribution: version}) replaces the installed versions (for the docs' matrix).
+    """
     for distribution, specifier in requirements.items():
-        version = release(distribution)
+        if versions is not None:
+            given = versions.get(distribution)
+            version = Version(Version(given).base_version) if given else None
+        else:
+            version = release(distribution)
         if version is None:
             return f"{distribution} is not installed (needs {specifier})"
         if version not in SpecifierSet(specifier):

@@ -1,0 +1,26 @@
+"""The compatibility matrix in the docs is generated from the registry and matches the CI matrix."""
+
+import ast
+import pathlib
+
+from unsloth_patch import matrix
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_docs_matrix_is_the_generated_one():
+    assert (ROOT / "docs" / "compatibility.md").read_text() == matrix.table(), \
+        "regenerate with: python -m unsloth_patch matrix > docs/compatibility.md"
+
+
+def test_documented_pairs_are_the_ci_sessions():
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    rows = next(node.value for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MATRIX")
+    ci = [(row.elts[0].value, row.elts[1].value) for row in rows.elts]
+    assert ci == list(matrix.TESTED)
+
+
+def test_old_transformers_has_no_varlen_path_in_the_table():
+    text = matrix.table()
+    assert "| 0.12.2 | 4.46.3 |" in text and "padded batches kept" in text

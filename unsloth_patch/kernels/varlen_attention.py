@@ -107,6 +107,9 @@ def _is_supported_cached(device_type, device_index, dtype, head_dim, interpretin
 
 if triton is not None:
 
+    # Token counts and windows change every batch: compile one variant, not one per divisibility class.
+    _RUNTIME_SIZES = ["total_tokens", "window"]
+
     @triton.jit
     def _tanh(x):
         # tanh through exp2 so it runs on every Triton version (and the
@@ -181,7 +184,7 @@ if triton is not None:
             full_lo = 0
         return lo, full_lo, full_hi, hi
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_RUNTIME_SIZES)
     def _fwd_kernel(
         Q, K, V, O, LSE, CU_SEQLENS,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -241,7 +244,7 @@ if triton is not None:
                  out.to(O.dtype.element_ty), mask=q_mask)
         tl.store(LSE + head * total_tokens + seq_start + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["total_tokens"])
     def _bwd_delta_kernel(
         O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_tokens,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -295,7 +298,7 @@ if triton is not None:
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
         return dk, dv
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_RUNTIME_SIZES)
     def _bwd_kv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -404,7 +407,7 @@ if triton is not None:
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         return dq
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_RUNTIME_SIZES)
     def _bwd_q_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,

@@ -40,6 +40,15 @@ CONFIGS = {
     "unsloth_patch": (True, {}, "import unsloth_patch, the stock script unchanged"),
     "unsloth_patch_packing": (True, {"packing": True, "packing_strategy": "bfd"},
                               "import unsloth_patch + TRL bfd packing"),
+    "unsloth_patch_plain_ckpt": (True, {}, "import unsloth_patch with UNSLOTH_PATCH_CHECKPOINTING=off "
+                                 "(TRL's default plain checkpointing kept)"),
+    "unsloth_patch_12gb": (True, {}, "import unsloth_patch with UNSLOTH_PATCH_MEMORY_BUDGET_GB=12 "
+                           "(memory-matched to the peers)"),
+}
+# Environment of a configuration's process, besides the plugin's DISABLE for peers.
+CONFIG_ENV = {
+    "unsloth_patch_plain_ckpt": {"UNSLOTH_PATCH_CHECKPOINTING": "off"},
+    "unsloth_patch_12gb": {"UNSLOTH_PATCH_MEMORY_BUDGET_GB": "12"},
 }
 PEERS = ("trl_padding_free", "trl_liger", "trl_packing_bfd", "unsloth")
 
@@ -116,6 +125,8 @@ def run_one(args) -> dict:
         model_dir = pathlib.Path(args.model_dir) / args.model
         if not (model_dir / "config.json").exists():
             model_from_config(config, dtype=torch.bfloat16, seed=0).save_pretrained(model_dir)
+        if not (model_dir / "tokenizer_config.json").exists():  # FastLanguageModel loads the tokenizer from there
+            tokenizer.save_pretrained(model_dir)
         model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=args.max_length,
                                                      dtype=torch.bfloat16, load_in_4bit=False,
                                                      full_finetuning=True)
@@ -163,7 +174,7 @@ def run_one(args) -> dict:
     steady_tokens = sum(step_tokens[skip:steps])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = {
-        "config": args.config, "model": args.model, "notes": notes,
+        "config": args.config, "model": args.model + args.tag, "notes": notes, "batch_size": args.batch_size,
         "params": sum(p.numel() for p in model.parameters()),
         "steps": steps, "real_tokens": tokens, "dataset_tokens": real_tokens,
         "train_runtime_s": output.metrics.get("train_runtime", wall), "wall_s": wall,
@@ -184,13 +195,12 @@ def run_one(args) -> dict:
 
         plan = unsloth_patch.last_plan()
         result["plan"] = plan.as_dict() if plan else None
-        try:
-            from unsloth_patch.patches import checkpointing
+        import dataclasses
 
-            decision = checkpointing.last_decision()
-            result["checkpointing"] = getattr(decision, "__dict__", str(decision))
-        except Exception:
-            pass
+        from unsloth_patch import checkpointing
+
+        decision = checkpointing.last_decision()
+        result["checkpointing"] = dataclasses.asdict(decision) if decision is not None else None
     return result
 
 
@@ -200,24 +210,27 @@ def run_all(args) -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.configs.split(","):
-        target = out / f"{args.model}-{name}.json"
+        target = out / f"{args.model}{args.tag}-{name}.json"
         cmd = [sys.executable, __file__, "run", "--config", name, "--model", args.model, "--data", args.data,
                "--out", str(target), "--min-tokens", str(args.min_tokens), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--model-dir", args.model_dir]
+               "--max-length", str(args.max_length), "--model-dir", args.model_dir, "--tag", args.tag]
         print(f"== {name}", flush=True)
         started = time.time()
         env = dict(os.environ)
         if not CONFIGS[name][0]:  # importing unsloth_patch.tiny must not activate the plugin for peers
             env["UNSLOTH_PATCH_DISABLE"] = "1"
+        env.update(CONFIG_ENV.get(name, {}))
         # every configuration pays its own Triton compilation, as a user's first run does
         env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"triton-{name}-")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            (out / f"{args.model}-{name}.log").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
+            (out / f"{args.model}{args.tag}-{name}.log").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
             print(f"   FAILED ({proc.returncode}) after {time.time() - started:.0f}s:\n{proc.stderr[-2500:]}")
             target.write_text(json.dumps({"config": name, "model": args.model, "error": proc.stderr[-4000:]}))
         else:
             r = json.loads(target.read_text())
+            policy = (r.get("checkpointing") or {}).get("policy")
+            print(f"   checkpointing policy: {policy}" if policy else "   ", end="")
             print(f"   whole {r['tokens_per_s_whole']:.0f} tok/s, steady {r['tokens_per_s_steady']:.0f} tok/s, "
                   f"peak {r['peak_gib']:.1f} GiB, final loss {r['final_loss']:.4f}, {time.time() - started:.0f}s",
                   flush=True)
@@ -314,6 +327,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", default=str(HERE / "out" / "models"))
     parser.add_argument("--min-tokens", type=int, default=500_000)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tag", default="", help="suffix for result files (e.g. b32 for a batch-size sweep)")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--limit", type=int, default=None)

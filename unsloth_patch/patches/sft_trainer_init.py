@@ -152,6 +152,7 @@ def _has_packed_mask_detection() -> bool:
 
 def apply_plan(trainer, plan: planning.Plan, settings, edits: Edits) -> None:
     """Make the trainer match the plan; every change goes through ``edits``."""
+    from ..layers import fuse_model_layers; fuse_model_layers(_base_model(trainer.model), settings, edits)
     if not (plan.padding_free or plan.boundaries_only):
         return
     collator = trainer.data_collator

@@ -7,7 +7,7 @@ One session per TRL release, each with pinned, known-good companions:
     python -m nox -s tests-1.16.0             # one TRL release
     python -m nox -s tests-1.16.0-tf4.57.6    # TRL 1.16.0 on transformers 4.x
     python -m nox -t trl                      # every per-TRL session, no kernels
-    python -m nox -s kernels                  # `pytest -m kernels` on the newest pins
+    python -m nox -s kernels                  # kernels + newest-only tests on the newest pins
     python -m nox -s tests-0.13.0 -- -k lora  # extra pytest arguments after `--`
 
 Environment variables (see docs/ci.md):
@@ -218,9 +218,9 @@ def _make_tests_session(name: str, row: tuple) -> None:
     @nox.session(name=name, python=PYTHON, tags=["trl"])
     def _session(session: nox.Session) -> None:
         _install(session, pins)
-        _pytest(session, "not kernels")
+        _pytest(session, "not kernels and not newest_only")
 
-    _session.__doc__ = f"pytest -m 'not kernels' with {', '.join(pins)}"
+    _session.__doc__ = f"pytest -m 'not kernels and not newest_only' with {', '.join(pins)}"
 
 
 for _name, _row in _session_names():
@@ -229,9 +229,9 @@ for _name, _row in _session_names():
 
 @nox.session(python=PYTHON, tags=["kernels"])
 def kernels(session: nox.Session) -> None:
-    """pytest -m kernels on the newest pins, with triton."""
+    """pytest -m 'kernels or newest_only' on the newest pins, with triton."""
     _install(session, _pins(KERNELS_ROW) + list(KERNELS_EXTRA))
     env = {}
     if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
         env["TRITON_INTERPRET"] = "1"  # no GPU: run the Triton kernels in the interpreter
-    _pytest(session, "kernels", env)
+    _pytest(session, "kernels or newest_only", env)

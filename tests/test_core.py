@@ -103,17 +103,26 @@ def test_invalid_toggle_fails_the_import_clearly():
     assert "auto, on, off" in result.stderr
 
 
-def test_report_command_prints_versions_toggles_and_patches():
-    result = run_python("import sys, unsloth_patch.__main__ as m; sys.exit(m.main([]))")
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+def test_report_command_prints_versions_toggles_and_patches(capsys):
+    import unsloth_patch.__main__ as cli
+
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
     for line in ("python ", "torch ", "transformers ", "trl ", "triton ", "gpu "):
         assert any(row.startswith(line) for row in out.splitlines()), line
     for toggle in TOGGLES:
         assert toggle.variable + "=" in out
     for patch in registry.PATCHES:
         assert patch.name in out
-    assert "applied" in out
+    applied = [row for row in out.splitlines() if " applied " in row]
+    assert any("trainer_plan" in row for row in applied), out
+
+
+def test_module_entry_point_runs():
+    result = run_python("import runpy, sys; sys.argv = ['unsloth_patch', 'matrix']; "
+                        "runpy.run_module('unsloth_patch', run_name='__main__')")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| TRL | transformers |" in result.stdout
 
 
 # -- toggles -----------------------------------------------------------------------------------

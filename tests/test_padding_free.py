@@ -237,7 +237,13 @@ def test_assistant_only_loss_masks_survive_flattening(tokenizer, tmp_path, stock
 def test_completion_only_loss_masks_survive_flattening(tokenizer, tmp_path, stock):
     from unsloth_patch.tiny import chat_dataset
 
-    data = chat_dataset(tokenizer, limit=16, format="prompt_completion")
+    from datasets import Dataset
+
+    rows = chat_dataset(tokenizer, limit=16, format="prompt_completion")
+    # standard (string) prompt/completion: the same masking without each TRL's chat-template quirks
+    data = Dataset.from_list([
+        {"prompt": tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+         "completion": r["completion"][0]["content"] + tokenizer.eos_token} for r in rows])
     with stock:
         padded = _first_batch(sft_trainer(_model(tokenizer), tokenizer, data, sft_config(tmp_path, max_length=64)))
     flat = _first_batch(sft_trainer(_model(tokenizer), tokenizer, data, sft_config(tmp_path, max_length=64)))

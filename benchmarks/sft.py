@@ -36,7 +36,10 @@ CONFIGS = {
                          "TRL padding_free=True on sdpa (data pre-truncated at 2048, so max_length=None is equivalent)"),
     "trl_liger": (False, {"use_liger_kernel": True}, "TRL + Liger kernels (use_liger_kernel=True)"),
     "trl_packing_bfd": (False, {"packing": True, "packing_strategy": "bfd"}, "TRL bfd packing"),
-    "unsloth": (False, {}, "Unsloth FastLanguageModel, full fine-tuning, its defaults"),
+    "unsloth": (False, {"gradient_accumulation_steps": 1, "optim": "adamw_torch_fused", "weight_decay": 0.0,
+                         "warmup_steps": 0, "lr_scheduler_type": "linear"},
+                "Unsloth FastLanguageModel, full fine-tuning: its padding-free, compiled blocks and offloaded "
+                "checkpointing; optimizer settings aligned with stock TRL"),
     "unsloth_patch": (True, {}, "import unsloth_patch, the stock script unchanged"),
     "unsloth_patch_packing": (True, {"packing": True, "packing_strategy": "bfd"},
                               "import unsloth_patch + TRL bfd packing"),
@@ -168,10 +171,11 @@ def run_one(args) -> dict:
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
     steps = len(step_times)
-    tokens = sum(step_tokens[:steps])
+    micro = max(1, int(trainer.args.gradient_accumulation_steps))  # collator calls per optimizer step
+    tokens = sum(step_tokens[:steps * micro])
     skip = max(1, steps // 10)
     steady_time = sum(b - a for a, b in step_times[skip:])
-    steady_tokens = sum(step_tokens[skip:steps])
+    steady_tokens = sum(step_tokens[skip * micro:steps * micro])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = {
         "config": args.config, "model": args.model + args.tag, "notes": notes, "batch_size": args.batch_size,
@@ -184,6 +188,7 @@ def run_one(args) -> dict:
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "losses": losses, "final_loss": losses[-1] if losses else None,
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "gradient_accumulation_steps": micro, "optim": str(trainer.args.optim),
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
         "collator": type(trainer.data_collator).__name__ if not callable(inner) else type(inner).__name__,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -218,7 +218,7 @@ def run_all(args) -> None:
         target = out / f"{args.model}{args.tag}-{name}.json"
         cmd = [sys.executable, __file__, "run", "--config", name, "--model", args.model, "--data", args.data,
                "--out", str(target), "--min-tokens", str(args.min_tokens), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--model-dir", args.model_dir, "--tag", args.tag]
+               "--max-length", str(args.max_length), "--model-dir", args.model_dir, f"--tag={args.tag}"]
         print(f"== {name}", flush=True)
         started = time.time()
         env = dict(os.environ)

@@ -30,15 +30,8 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR = None
-except ImportError as exc:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = exc
+from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
+from ._triton import tl, triton
 
 __all__ = ["swiglu", "geglu", "gated_activation", "is_supported", "ACTIVATIONS"]
 

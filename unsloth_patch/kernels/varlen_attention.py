@@ -51,15 +51,8 @@ try:  # torch and triton are optional at import time; checked when called.
 except ImportError:  # pragma: no cover - torch is a hard dependency in practice
     torch = None
 
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR = None
-except ImportError as exc:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = exc
+from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
+from ._triton import tl, triton
 
 __all__ = ["varlen_attention", "is_supported", "SUPPORTED_HEAD_DIMS"]
 

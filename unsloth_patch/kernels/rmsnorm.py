@@ -66,7 +66,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # row counts change every batch: one compile
     def _rms_forward(
         X, W, Y, RSTD, M, N, stride_x, stride_y, eps, offset,
         OFFSET_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -90,7 +90,7 @@ if triton is not None:
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "blocks_per_program"])
     def _rms_backward(
         DY, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_x, stride_dx, offset, blocks_per_program,
         OFFSET_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -124,7 +124,7 @@ if triton is not None:
         tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "rows_per_program"])
     def _rms_backward_rows(
         DY, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_x, stride_dx, offset, rows_per_program,
         OFFSET_MODE: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -57,7 +57,7 @@ if triton is not None:
     def _sigmoid(x):
         return 1.0 / (1.0 + tl.exp(-x))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["numel"])  # token counts change every batch: one compile
     def _gated_forward(G, U, Y, numel, GELU: tl.constexpr, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < numel
@@ -71,7 +71,7 @@ if triton is not None:
             act = g * _sigmoid(g)
         tl.store(Y + offsets, (act * u).to(Y.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["numel"])
     def _gated_backward(DY, G, U, DG, DU, numel, GELU: tl.constexpr, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < numel

@@ -168,10 +168,22 @@ def apply_plan(trainer, plan: planning.Plan, settings, edits: Edits) -> None:
     if plan.attention:
         from ..attention.dispatch import set_preference
 
+        if settings.attention in ("triton", "torch"):
+            _check_forced_backend(model, settings.attention)
         set_preference(settings.attention)
         _set_attention(model, plan.attention, edits)
     if plan.padding_free:
         _log_truncation(trainer)
+
+
+def _check_forced_backend(model, preference: str) -> None:
+    """A forced backend that cannot run on this model fails now, not in the first forward."""
+    from ..attention import backends
+
+    parameter = next(model.parameters())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    backends.choose(preference, parameter.device, parameter.dtype, int(head_dim))
 
 
 def _set_attention(model, name: str, edits: Edits) -> None:

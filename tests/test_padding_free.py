@@ -385,3 +385,27 @@ def test_flatten_random_padded_batches_left_and_right():
             expected_offset += int(labels[r][real][0] != IGNORE)
             assert out["position_ids"][0, a:b].tolist() == list(range(b - a))
         assert int(out[LABEL_OFFSET_KEY]) == expected_offset
+
+
+# -- TRL's own packing ------------------------------------------------------------------------------
+
+@needs_varlen
+@needs_trl("0.21", "bfd packing")
+def test_bfd_packing_gets_boundaries_and_is_never_flattened_twice(tokenizer, dataset, tmp_path, stock):
+    config = dict(max_length=64, packing=True, packing_strategy="bfd", max_steps=3, learning_rate=1e-4)
+    with stock:
+        packed = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path / "a", **config))
+        stock_batch = _first_batch(packed)
+        packed.train()
+    ours = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path / "b", **config))
+    plan = unsloth_patch.last_plan()
+    assert plan.boundaries_only and not plan.padding_free and plan.attention == "unsloth_varlen"
+    batch = _first_batch(ours)
+    assert batch["input_ids"].tolist() == stock_batch["input_ids"].tolist()  # TRL's rows, untouched
+    lengths = (batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).tolist()
+    assert sum(lengths) == batch["input_ids"].shape[1] and len(lengths) >= 4  # one per packed sequence
+    starts = batch["cu_seq_lens_q"][:-1].tolist()
+    assert [p for p, v in enumerate(batch["position_ids"][0].tolist()) if v == 0] == starts
+    ours.train()
+    for a, b in zip(losses(packed), losses(ours)):
+        assert abs(a - b) <= 1e-4 * abs(a)

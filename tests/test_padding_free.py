@@ -10,7 +10,8 @@ import torch
 
 import unsloth_patch
 from unsloth_patch import plan as planning
-from unsloth_patch.collate import LABEL_OFFSET_KEY, PaddingFreeCollator, flatten_batch
+from unsloth_patch.collate import (LABEL_OFFSET_KEY, PaddingFreeCollator, boundaries_from_lengths, flatten_batch,
+                                   lengths_from_position_ids)
 from unsloth_patch.errors import UnslothPatchError
 from unsloth_patch.settings import Settings
 from unsloth_patch.tiny import available_families, build_model, build_tokenizer
@@ -20,10 +21,10 @@ from unsloth_patch.versions import at_least
 from .helpers import TRL, config_fields, losses, needs_trl, plugin_log, sft_config, sft_trainer, text_dataset
 
 IGNORE = -100
-VARLEN = at_least("transformers", "4.51")  # AttentionInterface: a boundary-correct path for sdpa/eager models
-needs_varlen = pytest.mark.skipif(
-    not VARLEN, reason="transformers < 4.51 has no AttentionInterface, so padding-free is blocked there "
-                       "(checked by test_old_transformers_keeps_padded_batches_and_says_why)")
+INTERFACE = at_least("transformers", "4.51")  # AttentionInterface: unsloth_varlen
+# Older transformers: the FlashAttention-2 classes host our kernels (attn_implementation reads so).
+EXPECTED_ATTENTION = "unsloth_varlen" if INTERFACE else "flash_attention_2"
+OLD_UNSUPPORTED = () if INTERFACE else ("gemma2",)  # its old FlashAttention-2 class drops soft-capping
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,17 @@ def _first_batch(trainer):
     return batch
 
 
+def _boundaries(batch):
+    """cu_seq_lens of a flat batch (models that take no boundary keywords get positions only)."""
+    if "cu_seq_lens_q" in batch:
+        return batch["cu_seq_lens_q"].tolist()
+    return boundaries_from_lengths(lengths_from_position_ids(batch["position_ids"]))["cu_seq_lens_q"].tolist()
+
+
 def _sequences(batch):
     """Per-sequence (input_ids, labels) of a padded or padding-free batch."""
-    if "cu_seq_lens_q" in batch:
-        cu = batch["cu_seq_lens_q"].tolist()
+    if "attention_mask" not in batch:
+        cu = _boundaries(batch)
         return [(batch["input_ids"][0, a:b].tolist(), batch["labels"][0, a:b].tolist()) for a, b in zip(cu, cu[1:])]
     rows = []
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
@@ -73,13 +81,12 @@ def stock():
 
 # -- the batches ----------------------------------------------------------------------------------
 
-@needs_varlen
 def test_unchanged_script_trains_on_flattened_batches(tokenizer, dataset, tmp_path, caplog):
     with plugin_log(caplog):
         trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64))
     assert isinstance(trainer.data_collator, PaddingFreeCollator)
     plan = unsloth_patch.last_plan()
-    assert plan.padding_free and plan.attention == "unsloth_varlen"
+    assert plan.padding_free and plan.attention in ("unsloth_varlen", planning.LEGACY)
     assert any("padding-free: on" in r.getMessage() for r in caplog.records)
     batch = _first_batch(trainer)
     assert "attention_mask" not in batch
@@ -91,10 +98,9 @@ def test_unchanged_script_trains_on_flattened_batches(tokenizer, dataset, tmp_pa
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         assert positions[0, start:end].tolist() == list(range(end - start))
         assert labels[0, start] == IGNORE  # nothing predicted across a boundary
-    assert trainer.model.config._attn_implementation == "unsloth_varlen"
+    assert trainer.model.config._attn_implementation == EXPECTED_ATTENTION
 
 
-@needs_varlen
 def test_flattened_batch_holds_exactly_the_padded_tokens(tokenizer, dataset, tmp_path, stock):
     with stock:
         padded = _first_batch(sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64)))
@@ -105,34 +111,29 @@ def test_flattened_batch_holds_exactly_the_padded_tokens(tokenizer, dataset, tmp
         assert flat_labels[1:] == padded_labels[1:] and flat_labels[0] == IGNORE
 
 
-@needs_varlen
 @pytest.mark.parametrize("family", available_families())
 def test_per_sequence_logits_equal_each_sequences_own_forward(family, tokenizer, dataset, tmp_path):
     overrides = {"sliding_window": 8} if family in ("mistral", "qwen2", "gemma2") else {}
     model = _model(tokenizer, family, **overrides)
     trainer = sft_trainer(model, tokenizer, dataset, sft_config(tmp_path, max_length=48))
-    assert trainer.model.config._attn_implementation == "unsloth_varlen"
+    if family in OLD_UNSUPPORTED:
+        assert not isinstance(trainer.data_collator, PaddingFreeCollator)
+        assert "soft-capping" in unsloth_patch.last_plan().padding_free_reason
+        return
+    assert trainer.model.config._attn_implementation == EXPECTED_ATTENTION
     batch = _first_batch(trainer)
     model = trainer.model.eval()
     with torch.no_grad():
         flat_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")
-        else:
+        elif INTERFACE:
             model.config._attn_implementation = "eager"
-        cu = batch["cu_seq_lens_q"].tolist()
+        # else: each sequence alone through the same (legacy) path is the plain causal forward
+        cu = _boundaries(batch)
         for start, end in zip(cu, cu[1:]):
             own = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
             assert (flat_logits[start:end] - own).abs().max().item() <= 1e-5, (family, start, end)
-
-
-@pytest.mark.skipif(VARLEN, reason="only transformers < 4.51 lacks AttentionInterface")
-def test_old_transformers_keeps_padded_batches_and_says_why(tokenizer, dataset, tmp_path):
-    trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64, max_steps=2))
-    assert not isinstance(trainer.data_collator, PaddingFreeCollator)
-    assert "no AttentionInterface" in unsloth_patch.last_plan().padding_free_reason
-    trainer.train()
-    assert len(losses(trainer)) == 2
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -145,7 +146,6 @@ def _trained_tokens(trainer, shifted_rows: bool):
     return total
 
 
-@needs_varlen
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_five_steps_give_the_padded_runs_losses_and_tokens(tokenizer, dataset, tmp_path, stock, accumulation):
     # A typical SFT learning rate: with 1e-3, Adam turns rounding-level gradient differences (different
@@ -165,7 +165,6 @@ def test_five_steps_give_the_padded_runs_losses_and_tokens(tokenizer, dataset, t
     assert _trained_tokens(flat, shifted_rows=False) == padded_tokens
 
 
-@needs_varlen
 def test_lora_model_trains_padding_free_with_the_padded_loss(tokenizer, dataset, tmp_path, stock):
     peft = pytest.importorskip("peft")
 
@@ -252,7 +251,6 @@ def test_completion_only_loss_masks_survive_flattening(tokenizer, tmp_path, stoc
     _assert_same_labels(padded, flat)
 
 
-@needs_varlen
 @pytest.mark.skipif(TRL >= __import__("packaging.version").version.Version("0.20"),
                     reason="DataCollatorForCompletionOnlyLM was removed in TRL 0.20")
 def test_completion_only_collator_masks_survive_flattening(tokenizer, dataset, tmp_path, stock):
@@ -288,7 +286,7 @@ def test_custom_collator_keeps_padded_batches_and_says_why(tokenizer, dataset, t
     plan = unsloth_patch.last_plan()
     assert not plan.padding_free and "custom data_collator (MyCollator)" in plan.padding_free_reason
     assert any("custom data_collator" in r.getMessage() for r in caplog.records)
-    assert trainer.model.config._attn_implementation != "unsloth_varlen"
+    assert trainer.model.config._attn_implementation != EXPECTED_ATTENTION
 
 
 @needs_trl("0.16", "padding_free")
@@ -316,7 +314,7 @@ def test_off_never_touches_batching(tokenizer, dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(settings_module, "_current", Settings(padding_free="off"))
     trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64))
     assert not isinstance(trainer.data_collator, PaddingFreeCollator)
-    assert trainer.model.config._attn_implementation != "unsloth_varlen"
+    assert trainer.model.config._attn_implementation != EXPECTED_ATTENTION
 
 
 @pytest.mark.parametrize("facts, reason", [
@@ -389,7 +387,6 @@ def test_flatten_random_padded_batches_left_and_right():
 
 # -- TRL's own packing ------------------------------------------------------------------------------
 
-@needs_varlen
 @needs_trl("0.21", "bfd packing")
 def test_bfd_packing_gets_boundaries_and_is_never_flattened_twice(tokenizer, dataset, tmp_path, stock):
     config = dict(max_length=64, packing=True, packing_strategy="bfd", max_steps=3, learning_rate=1e-4)
@@ -399,7 +396,7 @@ def test_bfd_packing_gets_boundaries_and_is_never_flattened_twice(tokenizer, dat
         packed.train()
     ours = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path / "b", **config))
     plan = unsloth_patch.last_plan()
-    assert plan.boundaries_only and not plan.padding_free and plan.attention == "unsloth_varlen"
+    assert plan.boundaries_only and not plan.padding_free and plan.attention == "unsloth_varlen"  # TRL >= 0.21
     batch = _first_batch(ours)
     assert batch["input_ids"].tolist() == stock_batch["input_ids"].tolist()  # TRL's rows, untouched
     lengths = (batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).tolist()

@@ -124,12 +124,17 @@ class PaddingFreeCollator:
     attributes (``tokenizer``, ``pad_token_id``, ...) keeps working.
     """
 
-    def __init__(self, inner, count_first_labels: bool = False):
+    def __init__(self, inner, count_first_labels: bool = False, boundaries: bool = True):
         self.inner = inner
         self.count_first_labels = count_first_labels
+        self.boundaries = boundaries  # False for models whose forward takes no such keywords
 
     def __call__(self, features, *args, **kwargs):
-        return flatten_batch(self.inner(features, *args, **kwargs), self.count_first_labels)
+        batch = flatten_batch(self.inner(features, *args, **kwargs), self.count_first_labels)
+        if not self.boundaries:
+            for key in BOUNDARY_KEYS:
+                batch.pop(key, None)
+        return batch
 
     def __getattr__(self, name):
         if name == "inner":  # not yet set (e.g. during unpickling)

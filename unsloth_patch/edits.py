@@ -29,7 +29,7 @@ class Edits:
             else:  # the value came from the class: drop the instance attribute again
                 try:
                     delattr(obj, name)
-                except AttributeError:
+                except (AttributeError, TypeError):  # e.g. __class__, which can only be reassigned
                     setattr(obj, name, previous)
 
         self._undo.append(undo)

@@ -22,7 +22,7 @@ TESTED = (
 def attention_path(transformers: str) -> str:
     if unmet({"transformers": ">=4.51"}, {"transformers": transformers}) is None:
         return "unsloth_varlen (Triton / torch varlen_attn / masked)"
-    return "none: padded batches kept unless flash_attention_2 is selected"
+    return "FlashAttention-2 classes hosting our varlen kernels (Gemma2: padded batches kept)"
 
 
 def table(rows=TESTED) -> str:

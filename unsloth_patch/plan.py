@@ -22,6 +22,7 @@ STATEFUL_MODEL_TYPES = frozenset({
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "kernels-community")
 REPLACEABLE_IMPLEMENTATIONS = ("sdpa", "eager", None)
+LEGACY = "legacy-varlen"  # transformers < 4.51: FlashAttention-2 classes hosting our varlen attention
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TrainerFacts:
     padding_free_explicit: Optional[bool] = None  # the user's padding_free=..., None if left at default
     attn_implementation: Optional[str] = None
     attention_interface: bool = False  # our attention is registered (transformers >= 4.51)
+    legacy_attention_blocker: Optional[str] = "not checked"  # None: the < 4.51 varlen path can serve
     packed_mask_detection: bool = False  # transformers' sdpa/eager isolate packed sequences on their own
 
 
@@ -95,7 +97,10 @@ def padding_free_blocker(facts: TrainerFacts, settings: Settings) -> Optional[st
         return (f"UNSLOTH_PATCH_ATTENTION=off and this transformers' {impl} attention would attend across "
                 "sequences of a flattened batch")
     if not facts.attention_interface:
-        return ("this transformers has no AttentionInterface (needs >= 4.51) and FlashAttention is not selected, "
+        if facts.legacy_attention_blocker is None:
+            return None
+        return ("this transformers has no AttentionInterface (needs >= 4.51), FlashAttention is not selected, "
+                f"and its FlashAttention-2 classes cannot host our kernels ({facts.legacy_attention_blocker}), "
                 f"so {impl} attention would attend across sequences of a flattened batch")
     if impl not in REPLACEABLE_IMPLEMENTATIONS:
         return f"attention implementation {impl!r} was chosen explicitly and has no varlen path"
@@ -141,6 +146,8 @@ def _attention(settings: Settings, facts: TrainerFacts):
     if settings.attention == "off":
         return None, f"UNSLOTH_PATCH_ATTENTION=off; {impl} isolates packed sequences with a dense mask"
     if not facts.attention_interface:
+        if facts.legacy_attention_blocker is None:
+            return LEGACY, f"{impl} replaced by the FlashAttention-2 classes running our varlen kernels (transformers < 4.51)"
         return None, "AttentionInterface unavailable"
     from .attention.dispatch import NAME
 

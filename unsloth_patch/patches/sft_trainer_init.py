@@ -100,8 +100,17 @@ def gather_facts(trainer, bound, explicit_padding_free) -> planning.TrainerFacts
         padding_free_explicit=explicit_padding_free,
         attn_implementation=getattr(model_config, "_attn_implementation", None),
         attention_interface="attention_interface" in registry.applied_names(),
+        legacy_attention_blocker=_legacy_blocker(model),
         packed_mask_detection=_has_packed_mask_detection(),
     )
+
+
+def _legacy_blocker(model):
+    if "attention_interface" in registry.applied_names():
+        return "not needed"
+    from ..attention import legacy
+
+    return legacy.blocker(model)
 
 
 def _base_model(model):
@@ -159,9 +168,10 @@ def apply_plan(trainer, plan: planning.Plan, settings, edits: Edits) -> None:
     if hasattr(collator, "return_position_ids") and not getattr(collator, "return_position_ids"):
         # TRL 0.19-0.23 drop position_ids unless FlashAttention is selected: boundaries would be lost.
         edits.setattr(collator, "return_position_ids", True)
-    if not isinstance(collator, PaddingFreeCollator):
-        edits.setattr(trainer, "data_collator", PaddingFreeCollator(collator, _counts_first_labels(trainer)))
     model = _base_model(trainer.model)
+    if not isinstance(collator, PaddingFreeCollator):
+        edits.setattr(trainer, "data_collator", PaddingFreeCollator(
+            collator, _counts_first_labels(trainer), boundaries=_forward_takes_boundaries(model)))
     if getattr(model.config, "use_cache", False):
         # a cache during the training forward turns off packed-sequence handling in transformers
         edits.setattr(model.config, "use_cache", False)
@@ -171,9 +181,23 @@ def apply_plan(trainer, plan: planning.Plan, settings, edits: Edits) -> None:
         if settings.attention in ("triton", "torch"):
             _check_forced_backend(model, settings.attention)
         set_preference(settings.attention)
-        _set_attention(model, plan.attention, edits)
+        if plan.attention == planning.LEGACY:
+            from ..attention import legacy
+
+            legacy.switch(model, edits)
+        else:
+            _set_attention(model, plan.attention, edits)
     if plan.padding_free:
         _log_truncation(trainer)
+
+
+def _forward_takes_boundaries(model) -> bool:
+    """Older model classes reject unknown keywords; they get positions only (boundaries derived once)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or p.name == "cu_seq_lens_q" for p in parameters)
 
 
 def _check_forced_backend(model, preference: str) -> None:

@@ -1,0 +1,124 @@
+"""Varlen attention for transformers without AttentionInterface (< 4.51).
+
+Those versions pick an attention *class* per implementation. Their FlashAttention-2 classes
+already read packed-sequence boundaries from ``position_ids``, and call a module-level
+``_flash_attention_forward``; without the flash-attn package that function cannot run. For a
+padding-free trainer we move the model's attention modules to their family's FlashAttention-2
+class (same parameters) and give that family module our varlen attention as
+``_flash_attention_forward``. Everything goes through ``Edits``, so it is undone with the plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from typing import Optional
+
+import torch
+
+from ..collate import lengths_from_position_ids
+from . import backends
+from .dispatch import _preference
+
+NAME = "flash_attention_2"  # what the model's config must say for its mask logic; runs our kernels
+# FlashAttention-2 classes of these versions drop Gemma2's soft-capping without the flash-attn package.
+UNSUPPORTED_MODEL_TYPES = {"gemma2": "its FlashAttention-2 class drops logit soft-capping without flash-attn"}
+
+
+def _family_module(model):
+    return sys.modules.get(type(model).__module__)
+
+
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def blocker(model) -> Optional[str]:
+    """Why this model cannot take the legacy varlen path, or None if it can."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        return f"{model_type}: {UNSUPPORTED_MODEL_TYPES[model_type]}"
+    if _flash_attn_installed():
+        return "flash-attn is installed: select attn_implementation='flash_attention_2' instead"
+    module = _family_module(model)  # some families import _flash_attention_forward only with flash-attn
+    if module is None or not _attention_modules(model, module):
+        return f"{type(model).__name__}: no attention module with a FlashAttention-2 class found"
+    return None
+
+
+def _attention_modules(model, family):
+    found = []
+    for sub in model.modules():
+        name = type(sub).__name__
+        if name.endswith("FlashAttention2"):
+            found.append((sub, type(sub)))
+            continue
+        for suffix in ("SdpaAttention", "Attention"):
+            if name.endswith(suffix):
+                flash = getattr(family, name[: -len(suffix)] + "FlashAttention2", None)
+                if isinstance(flash, type) and isinstance(sub, flash.__mro__[1]):
+                    found.append((sub, flash))
+                break
+    return found
+
+
+def switch(model, edits) -> int:
+    """Move ``model`` onto the legacy varlen path; returns how many attention modules moved."""
+    family = _family_module(model)
+    modules = _attention_modules(model, family)
+    for module, flash in modules:
+        if type(module) is not flash:
+            edits.setattr(module, "__class__", flash)
+        edits.setattr(module, "_flash_attn_uses_top_left_mask", False)
+    edits.setattr(family, "_flash_attention_forward", varlen_flash_attention_forward)
+    edits.setattr(model.config, "_attn_implementation", NAME)
+    return len(modules)
+
+
+_cache = {}
+
+
+def _cu_from_positions(position_ids):
+    key = (position_ids.data_ptr(), position_ids._version, tuple(position_ids.shape))
+    if _cache.get("key") != key:
+        lengths = lengths_from_position_ids(position_ids.detach().cpu())
+        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lengths, 0)
+        _cache.update(key=key, value=(cu.to(position_ids.device), int(lengths.max())))
+    return _cache["value"]
+
+
+def varlen_flash_attention_forward(query_states, key_states, value_states, attention_mask, query_length,
+                                   is_causal=True, dropout=0.0, position_ids=None, softmax_scale=None,
+                                   sliding_window=None, use_top_left_mask=False, softcap=None,
+                                   deterministic=None, **kwargs):
+    """The ``_flash_attention_forward`` signature: q/k/v [B, L, H, D] -> [B, L, H, D]."""
+    batch, length, heads, head_dim = query_states.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    window = sliding_window if sliding_window and sliding_window < length else None
+    if attention_mask is not None:  # padded rows: attend within each row's real tokens
+        keep = attention_mask.bool()
+        lengths = keep.sum(dim=1)
+        q, k, v = query_states[keep], key_states[keep], value_states[keep]
+        cu = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        longest = int(lengths.max())
+    else:
+        if batch == 1 and position_ids is not None:
+            cu, longest = _cu_from_positions(position_ids)
+        else:
+            cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query_states.device)
+            longest = length
+        q = query_states.reshape(batch * length, heads, head_dim)
+        k = key_states.reshape(batch * length, key_states.shape[2], head_dim)
+        v = value_states.reshape(batch * length, value_states.shape[2], head_dim)
+    backend = backends.choose(_preference["value"], q.device, q.dtype, head_dim, window, softcap, dropout)
+    run_cu = cu.cpu() if backend == "masked" else cu
+    out = backends.run(backend, q.contiguous(), k.contiguous(), v.contiguous(), run_cu, longest, scale=scale,
+                       window=window, softcap=softcap, dropout=dropout, training=dropout > 0)
+    if attention_mask is not None:
+        full = query_states.new_zeros(batch, length, heads, head_dim)
+        full[keep] = out
+        return full
+    return out.reshape(batch, length, heads, head_dim)

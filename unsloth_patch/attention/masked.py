@@ -12,6 +12,9 @@ from typing import Optional
 import torch
 
 
+_SDPA_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+
+
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=-3)  # heads: [..., H, L, D]
 
@@ -23,9 +26,13 @@ def causal_attention(q, k, v, *, scale: float, window: Optional[int] = None, sof
     length = q.shape[1]
     if softcap is None:  # SDPA covers causal and windowed attention without soft-capping
         mask = None if window is None else _causal_window_mask(length, window, q.device)
+        if groups > 1 and _SDPA_GQA:
+            extra = {"enable_gqa": True}  # no repeated K/V copies
+        else:
+            extra, k, v = {}, _repeat_kv(k, groups), _repeat_kv(v, groups)
         return torch.nn.functional.scaled_dot_product_attention(
-            q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=mask,
-            is_causal=mask is None, dropout_p=dropout if training else 0.0, scale=scale,
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout if training else 0.0, scale=scale,
+            **extra,
         )
     scores = torch.matmul(q, _repeat_kv(k, groups).transpose(-1, -2)) * scale
     if softcap is not None:

@@ -214,8 +214,10 @@ def run_one(args) -> dict:
 def run_all(args) -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in args.configs.split(","):
-        target = out / f"{args.model}{args.tag}-{name}.json"
+    runs = [(rep, name) for rep in range(args.repeat) for name in args.configs.split(",")]  # interleaved
+    for rep, name in runs:
+        suffix = f"-r{rep + 1}" if args.repeat > 1 else ""
+        target = out / f"{args.model}{args.tag}-{name}{suffix}.json"
         cmd = [sys.executable, __file__, "run", "--config", name, "--model", args.model, "--data", args.data,
                "--out", str(target), "--min-tokens", str(args.min_tokens), "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--model-dir", args.model_dir, f"--tag={args.tag}"]
@@ -243,10 +245,11 @@ def run_all(args) -> None:
 
 
 def report(results: pathlib.Path, markdown, png) -> str:
-    runs = {}
+    repeats = {}
     for path in sorted(results.glob("*.json")):
         r = json.loads(path.read_text())
-        runs.setdefault(r["model"], {})[r["config"]] = r
+        repeats.setdefault(r["model"], {}).setdefault(r["config"], []).append(r)
+    runs = {model: {name: _median_run(rs) for name, rs in by.items()} for model, by in repeats.items()}
     lines = []
     for model, by_name in runs.items():
         ok = {k: v for k, v in by_name.items() if "error" not in v}
@@ -274,12 +277,13 @@ def report(results: pathlib.Path, markdown, png) -> str:
             if stock and r["losses"] and not r["config"].endswith("packing_bfd") and "packing" not in name:
                 pairs = list(zip(stock["losses"], r["losses"]))
                 diff = f"{max(abs(a - b) / abs(a) for a, b in pairs):.2%}" if pairs else ""
-            lines.append(
-                f"| {name} | {whole:,.0f} | {steady:,.0f} | "
-                f"{whole / stock['tokens_per_s_whole']:.2f}x | {steady / stock['tokens_per_s_steady']:.2f}x | "
-                f"{steady / best_peer['tokens_per_s_steady']:.2f}x | {r['peak_gib']:.1f} | {r['final_loss']:.4f} | "
-                f"{diff} |" if stock and best_peer else f"| {name} | {whole:,.0f} | {steady:,.0f} |||| "
-                f"{r['peak_gib']:.1f} | {r['final_loss']:.4f} | |")
+            if r.get("runs", 1) > 1:
+                name = f"{name} (median of {r['runs']})"
+            vs_stock = (f"{whole / stock['tokens_per_s_whole']:.2f}x | {steady / stock['tokens_per_s_steady']:.2f}x"
+                        if stock else " | ")
+            vs_peer = f"{steady / best_peer['tokens_per_s_steady']:.2f}x" if best_peer else ""
+            lines.append(f"| {name} | {whole:,.0f} | {steady:,.0f} | {vs_stock} | {vs_peer} | {r['peak_gib']:.1f} | "
+                         f"{r['final_loss']:.4f} | {diff} |")
         lines.append("")
     text = "\n".join(lines)
     if markdown:
@@ -287,6 +291,21 @@ def report(results: pathlib.Path, markdown, png) -> str:
     if png:
         _plot(runs, png)
     return text
+
+
+def _median_run(results: list) -> dict:
+    """One result per configuration: the median run by whole-run throughput, with medians and ranges."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    ok.sort(key=lambda r: r["tokens_per_s_whole"])
+    chosen = dict(ok[len(ok) // 2])
+    for key in ("tokens_per_s_whole", "tokens_per_s_steady"):
+        values = [r[key] for r in ok]
+        chosen[key] = statistics.median(values)
+        chosen[key + "_range"] = (min(values), max(values))
+    chosen["runs"] = len(ok)
+    return chosen
 
 
 def _plot(runs, png) -> None:
@@ -332,6 +351,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", default=str(HERE / "out" / "models"))
     parser.add_argument("--min-tokens", type=int, default=500_000)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=1, help="run every configuration N times, interleaved; "
+                        "the report takes medians")
     parser.add_argument("--tag", default="", help="suffix for result files (e.g. b32 for a batch-size sweep)")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--vocab-size", type=int, default=32000)

@@ -95,6 +95,13 @@ def test_disable_leaves_trl_untouched():
     assert "OK" in result.stdout
 
 
+def test_import_is_cheap_and_imports_no_framework():
+    result = run_python("import sys, unsloth_patch\n"
+                        "heavy = {'torch', 'transformers', 'trl'} & set(sys.modules)\n"
+                        "assert not heavy, heavy\nprint('OK')")
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
 def test_invalid_toggle_fails_the_import_clearly():
     result = run_python("import unsloth_patch", env_extra={"UNSLOTH_PATCH_PADDING_FREE": "maybe"})
     assert result.returncode != 0

@@ -53,26 +53,33 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if cu is None and attention_mask is not None:
         return _padded(module, query, key, value, attention_mask, dropout, scale, softcap, kwargs)
     if cu is None:
-        position_ids = kwargs.get("position_ids")
-        if batch == 1 and position_ids is not None and position_ids.shape[-1] == length:
-            cu, max_len = _boundaries_from_positions(position_ids)
-        else:  # unpadded rows, each its own sequence
-            cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
-            max_len = length
+        cu, max_len = boundaries(batch, length, kwargs.get("position_ids"), query.device)
     elif max_len is None:
         max_len = int((cu[1:] - cu[:-1]).max())
-    window = sliding_window if sliding_window else None
     q = query.transpose(1, 2).reshape(batch * length, heads, head_dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], head_dim)
     training = bool(getattr(module, "training", False))
-    backend = backends.choose(_preference["value"], q.device, q.dtype, head_dim, window, softcap,
-                              dropout if training else 0.0)
+    out = run_varlen(q, k, v, cu, max_len, scale=scale, window=sliding_window or None, softcap=softcap,
+                     dropout=dropout if training else 0.0, training=training)
+    return out.reshape(batch, length, heads, head_dim), None
+
+
+def boundaries(batch: int, length: int, position_ids, device):
+    """cu_seqlens and the longest length of a batch without collator boundaries."""
+    if batch == 1 and position_ids is not None and position_ids.shape[-1] == length:
+        return _boundaries_from_positions(position_ids)
+    # unpadded rows, each its own sequence
+    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device), length
+
+
+def run_varlen(q, k, v, cu, max_len, *, scale, window, softcap, dropout, training):
+    """q [T, H, D], k/v [T, Hk, D] on the backend the toggle and the call allow."""
+    backend = backends.choose(_preference["value"], q.device, q.dtype, q.shape[-1], window, softcap, dropout)
     if backend == "masked" and cu.device != torch.device("cpu"):
         cu = cu.cpu()
-    out = backends.run(backend, q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_len), scale=scale,
-                       window=window, softcap=softcap, dropout=dropout, training=training)
-    return out.reshape(batch, length, heads, head_dim), None
+    return backends.run(backend, q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_len), scale=scale,
+                        window=window, softcap=softcap, dropout=dropout, training=training)
 
 
 def _padded(module, query, key, value, attention_mask, dropout, scale, softcap, kwargs):

@@ -10,16 +10,14 @@ class (same parameters) and give that family module our varlen attention as
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import sys
 from typing import Optional
 
 import torch
 
-from ..collate import lengths_from_position_ids
-from . import backends
-from .dispatch import _preference
+from .dispatch import boundaries, run_varlen
 
 NAME = "flash_attention_2"  # what the model's config must say for its mask logic; runs our kernels
 # FlashAttention-2 classes of these versions drop Gemma2's soft-capping without the flash-attn package.
@@ -76,19 +74,6 @@ def switch(model, edits) -> int:
     return len(modules)
 
 
-_cache = {}
-
-
-def _cu_from_positions(position_ids):
-    key = (position_ids.data_ptr(), position_ids._version, tuple(position_ids.shape))
-    if _cache.get("key") != key:
-        lengths = lengths_from_position_ids(position_ids.detach().cpu())
-        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lengths, 0)
-        _cache.update(key=key, value=(cu.to(position_ids.device), int(lengths.max())))
-    return _cache["value"]
-
-
 def varlen_flash_attention_forward(query_states, key_states, value_states, attention_mask, query_length,
                                    is_causal=True, dropout=0.0, position_ids=None, softmax_scale=None,
                                    sliding_window=None, use_top_left_mask=False, softcap=None,
@@ -105,18 +90,12 @@ def varlen_flash_attention_forward(query_states, key_states, value_states, atten
         cu[1:] = torch.cumsum(lengths, 0)
         longest = int(lengths.max())
     else:
-        if batch == 1 and position_ids is not None:
-            cu, longest = _cu_from_positions(position_ids)
-        else:
-            cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query_states.device)
-            longest = length
+        cu, longest = boundaries(batch, length, position_ids, query_states.device)
         q = query_states.reshape(batch * length, heads, head_dim)
         k = key_states.reshape(batch * length, key_states.shape[2], head_dim)
         v = value_states.reshape(batch * length, value_states.shape[2], head_dim)
-    backend = backends.choose(_preference["value"], q.device, q.dtype, head_dim, window, softcap, dropout)
-    run_cu = cu.cpu() if backend == "masked" else cu
-    out = backends.run(backend, q.contiguous(), k.contiguous(), v.contiguous(), run_cu, longest, scale=scale,
-                       window=window, softcap=softcap, dropout=dropout, training=dropout > 0)
+    out = run_varlen(q, k, v, cu, longest, scale=scale, window=window, softcap=softcap, dropout=dropout,
+                     training=dropout > 0)
     if attention_mask is not None:
         full = query_states.new_zeros(batch, length, heads, head_dim)
         full[keep] = out

@@ -77,11 +77,11 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         name="trainer_plan",
-        summary="Decide padding-free batching, attention path and checkpointing per trainer.",
+        summary="Decide padding-free batching, the attention path and fused layers per trainer.",
         targets=(f"{TRL_MODULE}:SFTTrainer.__init__",),
         requires={"trl": ">=0.11", "transformers": ">=4.46"},
         toggle="PADDING_FREE",
-        active=lambda s: s.padding_free != "off" or s.attention != "off" or s.checkpointing != "off",
+        active=lambda s: any(v != "off" for v in (s.padding_free, s.attention, s.kernels)),
         handler="unsloth_patch.patches.sft_trainer_init:handle_sft_trainer_init",
         parameters=("model", "args", "train_dataset", "data_collator"),
     ),

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from packaging.version import Version
 
 import unsloth_patch
 from unsloth_patch import plan as planning
@@ -404,5 +405,8 @@ def test_bfd_packing_gets_boundaries_and_is_never_flattened_twice(tokenizer, dat
     starts = batch["cu_seq_lens_q"][:-1].tolist()
     assert [p for p, v in enumerate(batch["position_ids"][0].tolist()) if v == 0] == starts
     ours.train()
-    for a, b in zip(losses(packed), losses(ours)):
-        assert abs(a - b) <= 1e-4 * abs(a)
+    if "position_ids" in stock_batch:  # stock packing is boundary-correct here: the same losses
+        for a, b in zip(losses(packed), losses(ours)):
+            assert abs(a - b) <= 1e-4 * abs(a)
+    else:  # TRL 0.21-0.23 drop position_ids on sdpa, so the stock run attends across packed sequences
+        assert TRL < Version("0.24") and len(losses(ours)) == len(losses(packed))

@@ -114,6 +114,7 @@ def run_one(args) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from unsloth_patch.collate import real_token_count
     from unsloth_patch.tiny import build_llama_1b_config, build_qwen2_1b_config, model_from_config
 
     data = pathlib.Path(args.data)
@@ -159,9 +160,7 @@ def run_one(args) -> dict:
 
     def counting(features, *a, **k):
         batch = inner(features, *a, **k)
-        mask = batch.get("attention_mask")
-        step_tokens.append(int(mask.sum()) if mask is not None and mask.dim() == 2
-                           else int(batch["input_ids"].numel()))
+        step_tokens.append(real_token_count(batch))
         return batch
 
     trainer.data_collator = counting

@@ -145,10 +145,6 @@ class PaddingFreeCollator:
         return f"PaddingFreeCollator({self.inner!r})"
 
 
-def unwrap_collator(collator):
-    return collator.inner if isinstance(collator, PaddingFreeCollator) else collator
-
-
 def real_token_count(batch: Mapping[str, Any]) -> int:
     """Non-pad tokens in a padded or padding-free batch."""
     mask: Optional[torch.Tensor] = batch.get("attention_mask")

@@ -89,10 +89,10 @@ def padding_free_blocker(facts: TrainerFacts, settings: Settings) -> Optional[st
     impl = facts.attn_implementation or "sdpa"
     if any(impl.startswith(f) for f in FLASH_IMPLEMENTATIONS):
         return None  # transformers' FlashAttention path reads the boundaries itself
-    if impl not in REPLACEABLE_IMPLEMENTATIONS and not facts.attention_interface:
-        return f"attention implementation {impl!r} cannot be made boundary-correct"
+    if impl not in REPLACEABLE_IMPLEMENTATIONS:
+        return f"attention implementation {impl!r} was chosen explicitly and has no varlen path"
     if settings.attention == "off":
-        if facts.packed_mask_detection and impl in ("sdpa", "eager"):
+        if facts.packed_mask_detection:
             return None
         return (f"UNSLOTH_PATCH_ATTENTION=off and this transformers' {impl} attention would attend across "
                 "sequences of a flattened batch")
@@ -102,8 +102,6 @@ def padding_free_blocker(facts: TrainerFacts, settings: Settings) -> Optional[st
         return ("this transformers has no AttentionInterface (needs >= 4.51), FlashAttention is not selected, "
                 f"and its FlashAttention-2 classes cannot host our kernels ({facts.legacy_attention_blocker}), "
                 f"so {impl} attention would attend across sequences of a flattened batch")
-    if impl not in REPLACEABLE_IMPLEMENTATIONS:
-        return f"attention implementation {impl!r} was chosen explicitly and has no varlen path"
     return None
 
 

@@ -8,13 +8,11 @@ GPUs it supports, then torch's FlashAttention-backed ``varlen_attn``, then the m
 from __future__ import annotations
 
 import inspect
-import logging
 from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from .. import log
 from ..errors import UnslothPatchError
 from .masked import varlen_attention_masked
 
@@ -111,8 +109,3 @@ def _run_torch(q, k, v, cu_seqlens, max_seqlen, *, scale, window):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
-
-
-def note_choice(backend: str, reason: str = "") -> None:
-    log.once(("attention-backend", backend), logging.INFO, "padding-free attention runs on %s%s", backend,
-             f" ({reason})" if reason else "")

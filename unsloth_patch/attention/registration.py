@@ -40,11 +40,3 @@ def _register(interface, name, function):
             mapping.pop(name, None)
 
     return restore
-
-
-def is_registered() -> bool:
-    try:
-        from transformers.modeling_utils import AttentionInterface
-    except ImportError:
-        return False
-    return NAME in AttentionInterface._global_mapping

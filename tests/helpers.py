@@ -83,3 +83,30 @@ def run_python(code: str, env_extra=None, timeout=240):
 
 def needs_trl(minimum: str, reason: str):
     return pytest.mark.skipif(TRL < Version(minimum), reason=f"TRL {TRL} has no {reason} (since {minimum})")
+
+
+def train_collator(trainer):
+    """The collator the trainer's training dataloader uses."""
+    from unsloth_patch.patches.training_edits import train_collator as lookup
+
+    return lookup(trainer)
+
+
+def during_training(trainer):
+    """The model as ``train()`` runs it: the plan's edits applied for the block, rolled back after."""
+    from unsloth_patch.patches.training_edits import active
+
+    return active(trainer)
+
+
+@pytest.fixture
+def use_settings(monkeypatch):
+    """Set toggles for one test: ``use_settings(padding_free="on")``."""
+    import dataclasses
+
+    from unsloth_patch import settings as settings_module
+
+    def set_(**values):
+        monkeypatch.setattr(settings_module, "_current", dataclasses.replace(settings_module.current(), **values))
+
+    return set_

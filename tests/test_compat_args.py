@@ -285,13 +285,24 @@ def test_one_warning_per_translation(parts, tmp_path, plugin_log):
     messages = [r.getMessage() for r in plugin_log.records if r.name == "unsloth_patch"]
     native = _trainer_params()
     expected = [] if "tokenizer" in native else ["tokenizer=...) is spelled SFTTrainer(processing_class="]
-    expected.append("args=TrainingArguments(...)) is spelled SFTTrainer(args=SFTConfig(")
+    # every TRL of the matrix turns a TrainingArguments into its SFTConfig itself: nothing to say about that
     for name in ("dataset_text_field", "max_seq_length", "packing", "dataset_kwargs"):
         expected.append(f"SFTTrainer({name}=...) belongs in SFTConfig(")
     for fragment in expected:
         hits = [m for m in messages if fragment in m]
         assert len(hits) == 1, (fragment, messages)
     assert len(messages) == len(expected), messages
+
+
+def test_training_arguments_that_trl_accepts_are_left_to_trl_without_a_warning(parts, tmp_path, plugin_log):
+    tok, model, data = parts
+    training_args = TrainingArguments(**_common(tmp_path))
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=data, **{_tokenizer_name(): tok})
+    assert isinstance(trainer.args, SFTConfig) and trainer.args.learning_rate == LEARNING_RATE
+    assert not [r for r in plugin_log.records if r.name == "unsloth_patch" and "TrainingArguments" in r.getMessage()]
+    recorded = explicit_fields(trainer.args)  # TRL passed every value; the user passed these
+    assert recorded == explicit_fields(training_args) & {f.name for f in dataclasses.fields(SFTConfig)}
+    assert "padding_free" not in recorded and "gradient_checkpointing" not in recorded
 
 
 def test_users_objects_are_not_modified(parts, tmp_path):

@@ -12,7 +12,8 @@ from unsloth_patch import registry
 from unsloth_patch import settings as settings_module
 from unsloth_patch.settings import TOGGLES, read_settings
 
-from .helpers import losses, plugin_log, run_python, sft_config, sft_trainer, text_dataset
+from .helpers import (losses, plugin_log, run_python, sft_config, sft_trainer, text_dataset, train_collator,  # noqa: F401
+                      use_settings)
 
 TARGETS_CHECK = textwrap.dedent("""
     import importlib
@@ -162,6 +163,33 @@ def test_embedding_lr_rejects_non_positive_and_nan(raw):
         read_settings({"UNSLOTH_PATCH_EMBEDDING_LR": raw})
 
 
+@pytest.mark.parametrize("toggle", [t for t in TOGGLES])
+@pytest.mark.parametrize("raw", ["", "  "])
+def test_an_empty_value_is_an_error_naming_the_variable(toggle, raw):
+    with pytest.raises(ValueError) as err:
+        read_settings({toggle.variable: raw})
+    assert toggle.variable in str(err.value) and "unset the variable" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["EMBEDDING_LR", "MEMORY_BUDGET_GB"])
+@pytest.mark.parametrize("raw", ["1_0", "1_000", "0x10", "1e", "--1"])
+def test_numbers_are_written_plainly(name, raw):
+    with pytest.raises(ValueError, match=f"UNSLOTH_PATCH_{name}"):
+        read_settings({f"UNSLOTH_PATCH_{name}": raw})
+
+
+def test_number_toggles_accept_plain_spellings_and_say_what_fits_them():
+    assert read_settings({"UNSLOTH_PATCH_MEMORY_BUDGET_GB": "7.5"}).memory_budget_gb == 7.5
+    assert read_settings({"UNSLOTH_PATCH_MEMORY_BUDGET_GB": " 24 "}).memory_budget_gb == 24.0
+    assert read_settings({"UNSLOTH_PATCH_EMBEDDING_LR": "5E-6"}).embedding_lr == 5e-6
+    with pytest.raises(ValueError) as budget:
+        read_settings({"UNSLOTH_PATCH_MEMORY_BUDGET_GB": "lots"})
+    with pytest.raises(ValueError) as rate:
+        read_settings({"UNSLOTH_PATCH_EMBEDDING_LR": "lots"})
+    assert "GiB" in str(budget.value) and "5e-5" not in str(budget.value)
+    assert "5e-5" in str(rate.value) and "GiB" not in str(rate.value)
+
+
 def test_unknown_prefixed_variable_is_reported_not_fatal():
     assert settings_module.unknown_variables({"UNSLOTH_PATCH_PADING_FREE": "on"}) == ["UNSLOTH_PATCH_PADING_FREE"]
     assert settings_module.unknown_variables({"UNSLOTH_PATCH_TORCH_SPEC": "torch"}) == []
@@ -177,8 +205,11 @@ def tiny(tmp_path):
     return tokenizer, lambda: build_model("llama", vocab_size=len(tokenizer), seed=0), text_dataset(tokenizer, 24)
 
 
-def test_target_with_changed_signature_is_skipped_with_one_warning_and_training_runs(tiny, tmp_path, caplog):
+def test_target_with_changed_signature_is_skipped_with_one_warning_and_training_runs(tiny, tmp_path, caplog,
+                                                                                      use_settings):
     from trl.trainer import sft_trainer
+
+    use_settings(padding_free="on")  # would flatten, were the patch applied
 
     tokenizer, make_model, dataset = tiny
     tokenizer_kwarg = _tokenizer_kwarg(tokenizer)
@@ -206,7 +237,7 @@ def test_target_with_changed_signature_is_skipped_with_one_warning_and_training_
                                          train_dataset=dataset, **tokenizer_kwarg)
         trainer.train()
         assert len(losses(trainer)) == 2
-        assert type(trainer.data_collator).__name__ != "PaddingFreeCollator"
+        assert type(train_collator(trainer)).__name__ != "PaddingFreeCollator"
     finally:
         unsloth_patch.remove()
         sft_trainer.SFTTrainer.__init__ = original
@@ -233,9 +264,10 @@ def test_missing_target_is_skipped_and_padded_training_runs(tiny, tmp_path, capl
         assert not record.applied and "not found" in record.reason
         assert sum("attention_interface" in r.getMessage() for r in caplog.records) == 1
         trainer = sft_trainer(make_model(), tokenizer, dataset, sft_config(tmp_path, max_steps=2))
+        assert "AttentionInterface" in unsloth_patch.last_plan().padding_free_reason
         trainer.train()
         assert len(losses(trainer)) == 2
-        assert trainer.model.config._attn_implementation != "unsloth_varlen"
+        assert type(train_collator(trainer)).__name__ != "PaddingFreeCollator"
     finally:
         unsloth_patch.remove()
         modeling_utils.AttentionInterface = interface
@@ -259,9 +291,10 @@ def test_error_inside_our_logic_runs_stock_behaviour(tiny, tmp_path, caplog, mon
         trainer = sft_trainer(make_model(), tokenizer, dataset, sft_config(tmp_path, max_steps=2))
     faults = [r for r in caplog.records if "injected fault" in r.getMessage()]
     assert len(faults) == 1  # logged once, not per call
+    assert "rolled back" in unsloth_patch.last_plan().padding_free_reason
     trainer.train()
     assert len(losses(trainer)) == 2
-    assert type(trainer.data_collator).__name__ != "PaddingFreeCollator"
+    assert type(train_collator(trainer)).__name__ != "PaddingFreeCollator"
 
 
 def test_error_before_the_call_runs_the_original_with_the_users_arguments(tiny, tmp_path, monkeypatch):

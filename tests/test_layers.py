@@ -185,7 +185,9 @@ def test_trainer_records_the_fusion_decision(tmp_path):
     tokenizer = build_tokenizer()
     model = build_model("llama", vocab_size=len(tokenizer))
     layers._last.update(reason="not run yet")
-    sft_trainer(model, tokenizer, text_dataset(tokenizer, limit=8), sft_config(tmp_path, max_steps=1))
+    trainer = sft_trainer(model, tokenizer, text_dataset(tokenizer, limit=8), sft_config(tmp_path, max_steps=1))
+    assert last_fusion()["reason"] == "not run yet"  # fusion belongs to train(), not to the constructor
+    trainer.train()
     reason = last_fusion()["reason"]
     assert "cpu" in reason or "Triton" in reason
     assert not any(layers.is_fused(m) for m in model.modules())

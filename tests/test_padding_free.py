@@ -19,13 +19,21 @@ from unsloth_patch.tiny import available_families, build_model, build_tokenizer
 
 from unsloth_patch.versions import at_least
 
-from .helpers import TRL, config_fields, losses, needs_trl, plugin_log, sft_config, sft_trainer, text_dataset
+from .helpers import (TRL, config_fields, during_training, losses, needs_trl, plugin_log, sft_config, sft_trainer,
+                      text_dataset, train_collator, use_settings)  # noqa: F401  (fixture)
 
 IGNORE = -100
 INTERFACE = at_least("transformers", "4.51")  # AttentionInterface: unsloth_varlen
 # Older transformers: the FlashAttention-2 classes host our kernels (attn_implementation reads so).
 EXPECTED_ATTENTION = "unsloth_varlen" if INTERFACE else "flash_attention_2"
 OLD_UNSUPPORTED = () if INTERFACE else ("gemma2",)  # its old FlashAttention-2 class drops soft-capping
+
+
+@pytest.fixture(autouse=True)
+def flatten_on_this_device(use_settings):
+    """These tests are about the padding-free path itself: on a CPU, where ``auto`` keeps padded
+    batches (no varlen kernel beats them there), ``on`` asks for it. Blocker tests set ``auto``."""
+    use_settings(padding_free="on")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,8 @@ def stock():
 def test_unchanged_script_trains_on_flattened_batches(tokenizer, dataset, tmp_path, caplog):
     with plugin_log(caplog):
         trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64))
-    assert isinstance(trainer.data_collator, PaddingFreeCollator)
+    assert isinstance(train_collator(trainer), PaddingFreeCollator)
+    assert not isinstance(trainer.data_collator, PaddingFreeCollator)  # evaluation keeps TRL's batches
     plan = unsloth_patch.last_plan()
     assert plan.padding_free and plan.attention in ("unsloth_varlen", planning.LEGACY)
     assert any("padding-free: on" in r.getMessage() for r in caplog.records)
@@ -99,7 +108,10 @@ def test_unchanged_script_trains_on_flattened_batches(tokenizer, dataset, tmp_pa
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         assert positions[0, start:end].tolist() == list(range(end - start))
         assert labels[0, start] == IGNORE  # nothing predicted across a boundary
-    assert trainer.model.config._attn_implementation == EXPECTED_ATTENTION
+    original = trainer.model.config._attn_implementation
+    with during_training(trainer):
+        assert trainer.model.config._attn_implementation == EXPECTED_ATTENTION
+    assert trainer.model.config._attn_implementation == original  # the edit lives only while training
 
 
 def test_flattened_batch_holds_exactly_the_padded_tokens(tokenizer, dataset, tmp_path, stock):
@@ -118,14 +130,15 @@ def test_per_sequence_logits_equal_each_sequences_own_forward(family, tokenizer,
     model = _model(tokenizer, family, **overrides)
     trainer = sft_trainer(model, tokenizer, dataset, sft_config(tmp_path, max_length=48))
     if family in OLD_UNSUPPORTED:
-        assert not isinstance(trainer.data_collator, PaddingFreeCollator)
+        assert not isinstance(train_collator(trainer), PaddingFreeCollator)
         assert "soft-capping" in unsloth_patch.last_plan().padding_free_reason
         return
-    assert trainer.model.config._attn_implementation == EXPECTED_ATTENTION
     batch = _first_batch(trainer)
     model = trainer.model.eval()
     with torch.no_grad():
-        flat_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        with during_training(trainer):
+            assert trainer.model.config._attn_implementation == EXPECTED_ATTENTION
+            flat_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")
         elif INTERFACE:
@@ -157,7 +170,7 @@ def test_five_steps_give_the_padded_runs_losses_and_tokens(tokenizer, dataset, t
         padded.train()
         padded_tokens = _trained_tokens(padded, shifted_rows=True)
     flat = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path / "b", **config))
-    assert isinstance(flat.data_collator, PaddingFreeCollator)
+    assert isinstance(train_collator(flat), PaddingFreeCollator)
     flat.train()
     expected, got = losses(padded), losses(flat)
     assert len(got) == len(expected) == 5
@@ -177,7 +190,7 @@ def test_lora_model_trains_padding_free_with_the_padded_loss(tokenizer, dataset,
         padded = sft_trainer(lora_model(), tokenizer, dataset, sft_config(tmp_path / "a", max_length=64, max_steps=3))
         padded.train()
     flat = sft_trainer(lora_model(), tokenizer, dataset, sft_config(tmp_path / "b", max_length=64, max_steps=3))
-    assert isinstance(flat.data_collator, PaddingFreeCollator)
+    assert isinstance(train_collator(flat), PaddingFreeCollator)
     flat.train()
     for a, b in zip(losses(padded), losses(flat)):
         assert abs(a - b) <= 1e-4 * abs(a)
@@ -265,14 +278,16 @@ def test_completion_only_collator_masks_survive_flattening(tokenizer, dataset, t
                                           data_collator=collator()))
     trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64),
                           data_collator=collator())
-    assert isinstance(trainer.data_collator, PaddingFreeCollator)
+    assert isinstance(train_collator(trainer), PaddingFreeCollator)
     _assert_same_labels(padded, _first_batch(trainer))
 
 
 # -- blockers -------------------------------------------------------------------------------------
 
-def test_custom_collator_keeps_padded_batches_and_says_why(tokenizer, dataset, tmp_path, caplog):
+def test_custom_collator_keeps_padded_batches_and_says_why(tokenizer, dataset, tmp_path, caplog, use_settings):
     from transformers import DataCollatorWithPadding
+
+    use_settings(padding_free="auto")
 
     class MyCollator(DataCollatorWithPadding):
         def __call__(self, features):
@@ -283,18 +298,20 @@ def test_custom_collator_keeps_padded_batches_and_says_why(tokenizer, dataset, t
     with plugin_log(caplog):
         trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64),
                               data_collator=MyCollator(tokenizer))
-    assert not isinstance(trainer.data_collator, PaddingFreeCollator)
+    assert not isinstance(train_collator(trainer), PaddingFreeCollator)
     plan = unsloth_patch.last_plan()
     assert not plan.padding_free and "custom data_collator (MyCollator)" in plan.padding_free_reason
     assert any("custom data_collator" in r.getMessage() for r in caplog.records)
-    assert trainer.model.config._attn_implementation != EXPECTED_ATTENTION
+    with during_training(trainer):
+        assert trainer.model.config._attn_implementation != EXPECTED_ATTENTION
 
 
 @needs_trl("0.16", "padding_free")
-def test_explicit_padding_free_false_is_respected(tokenizer, dataset, tmp_path):
+def test_explicit_padding_free_false_is_respected(tokenizer, dataset, tmp_path, use_settings):
+    use_settings(padding_free="auto")
     trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64,
                                                                              padding_free=False))
-    assert not isinstance(trainer.data_collator, PaddingFreeCollator)
+    assert not isinstance(train_collator(trainer), PaddingFreeCollator)
     assert "padding_free=False was passed explicitly" in unsloth_patch.last_plan().padding_free_reason
 
 
@@ -314,8 +331,9 @@ def test_off_never_touches_batching(tokenizer, dataset, tmp_path, monkeypatch):
 
     monkeypatch.setattr(settings_module, "_current", Settings(padding_free="off"))
     trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64))
-    assert not isinstance(trainer.data_collator, PaddingFreeCollator)
-    assert trainer.model.config._attn_implementation != EXPECTED_ATTENTION
+    assert not isinstance(train_collator(trainer), PaddingFreeCollator)
+    with during_training(trainer):
+        assert trainer.model.config._attn_implementation != EXPECTED_ATTENTION
 
 
 @pytest.mark.parametrize("facts, reason", [
@@ -343,14 +361,15 @@ def test_flash_attention_choice_is_kept():
     assert plan.padding_free and plan.attention is None and "flash_attention_2" in plan.attention_reason
 
 
-def test_a_real_stateful_model_keeps_padded_batches(tokenizer, dataset, tmp_path):
+def test_a_real_stateful_model_keeps_padded_batches(tokenizer, dataset, tmp_path, use_settings):
+    use_settings(padding_free="auto")
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "MambaConfig"):
         pytest.skip("no Mamba in this transformers")
     model = transformers.MambaForCausalLM(transformers.MambaConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, state_size=4))
     trainer = sft_trainer(model, tokenizer, dataset, sft_config(tmp_path, max_length=64))
-    assert not isinstance(trainer.data_collator, PaddingFreeCollator)
+    assert not isinstance(train_collator(trainer), PaddingFreeCollator)
     assert "carries state" in unsloth_patch.last_plan().padding_free_reason
 
 

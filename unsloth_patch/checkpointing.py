@@ -26,6 +26,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
+from . import fallback
+
 POLICIES = ("none", "selective", "offload", "full")  # fastest first; the index grows with caution
 GIB = 1 << 30
 SAFETY_MARGIN = 0.10  # of the card's memory, kept free when no explicit budget is given
@@ -211,13 +213,28 @@ def selective_available() -> bool:
     return True
 
 
+def _guarded(component: str, run, function, args, kwargs):
+    """``run()`` unless ``component`` failed before; on failure, TRL's plain checkpoint from now on."""
+    from torch.utils.checkpoint import checkpoint
+
+    if fallback.enabled(component):
+        try:
+            return run()
+        except Exception as exc:
+            if fallback.is_out_of_memory(exc):
+                raise
+            fallback.failed(component, exc, "plain gradient checkpointing")
+    return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
 def checkpoint_selective(function, *args, **kwargs):
     """A ``_gradient_checkpointing_func``: non-reentrant checkpoint with the selective policy."""
     from torch.utils.checkpoint import checkpoint
 
     kwargs.pop("use_reentrant", None)
     kwargs.pop("context_fn", None)
-    return checkpoint(function, *args, use_reentrant=False, context_fn=selective_context, **kwargs)
+    return _guarded("selective checkpointing", lambda: checkpoint(
+        function, *args, use_reentrant=False, context_fn=selective_context, **kwargs), function, args, kwargs)
 
 
 def checkpoint_offload(function, *args, **kwargs):
@@ -226,8 +243,12 @@ def checkpoint_offload(function, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
 
     kwargs.pop("use_reentrant", None)
-    with torch.autograd.graph.saved_tensors_hooks(_offload_pack, _offload_unpack):
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    def run():
+        with torch.autograd.graph.saved_tensors_hooks(_offload_pack, _offload_unpack):
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    return _guarded("offloaded checkpointing", run, function, args, kwargs)
 
 
 _copy_streams: dict = {}
@@ -454,13 +475,17 @@ def make_batch(spec: ProbeBatch, vocab_size: int, device, seed: int = 0) -> dict
 
 @dataclass
 class RestorePoint:
-    """Everything a probe step may touch, to put back exactly."""
+    """Everything a probe step may touch, to put back exactly.
+
+    Hooks and flags that transformers installs on a model's first forward (the output-capturing
+    hooks of MoE routers, say) are left in place: the first real forward must find the model
+    as a first forward leaves it, or transformers believes them installed while they are gone.
+    """
 
     grads: list
     buffers: list
     training: list
     checkpointing: list
-    embedding_hooks: list
     rng: dict
 
     @classmethod
@@ -472,9 +497,6 @@ class RestorePoint:
         for module in model.modules():
             buffers.append((module, dict(module._buffers),
                             {k: v.detach().clone() for k, v in module._buffers.items() if v is not None}))
-        hooks = []
-        for module in model.modules():
-            hooks.append((module, set(module._forward_hooks), module.__dict__.get("_require_grads_hook")))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         try:
             import numpy
@@ -484,8 +506,7 @@ class RestorePoint:
             pass
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return cls(grads, buffers, [(m, m.training) for m in model.modules()], snapshot_checkpointing(model),
-                   hooks, rng)
+        return cls(grads, buffers, [(m, m.training) for m in model.modules()], snapshot_checkpointing(model), rng)
 
     def restore(self) -> None:
         import torch
@@ -494,18 +515,12 @@ class RestorePoint:
             param.grad = grad
         with torch.no_grad():
             for module, refs, values in self.buffers:
-                module._buffers.clear()
-                module._buffers.update(refs)
+                module._buffers.update(refs)  # buffers a first forward adds stay, like its hooks
                 for name, value in values.items():
                     refs[name].copy_(value)
         for module, training in self.training:
             module.training = training
         restore_checkpointing(self.checkpointing)
-        for module, keys, handle in self.embedding_hooks:
-            for key in set(module._forward_hooks) - keys:
-                module._forward_hooks.pop(key, None)
-            if handle is None:
-                module.__dict__.pop("_require_grads_hook", None)
         torch.set_rng_state(self.rng["torch"])
         random.setstate(self.rng["python"])
         if "numpy" in self.rng:

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from . import fallback
+
 IGNORE_INDEX = -100
 # Carried from the collator to the trainer's loss-token count, then removed from the batch.
 LABEL_OFFSET_KEY = "unsloth_patch_label_offset"
@@ -117,27 +119,40 @@ def _is_per_token(value: Any, input_ids: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == input_ids.shape[:2]
 
 
+COMPONENT = "padding-free collator"
+
+
 class PaddingFreeCollator:
-    """Wraps the collator TRL built and returns padding-free batches.
+    """Wraps the collator TRL built and returns padding-free batches (the training dataloader's).
 
     Delegates everything else to the wrapped collator, so code that inspects the collator's
-    attributes (``tokenizer``, ``pad_token_id``, ...) keeps working.
+    attributes (``tokenizer``, ``pad_token_id``, ...) keeps working. If flattening fails, or a
+    component the flat batches need (``needs``: the varlen attention) has been switched off, it
+    returns the wrapped collator's padded batch: stock behaviour for the rest of the run.
     """
 
-    def __init__(self, inner, count_first_labels: bool = False, boundaries: bool = True):
+    def __init__(self, inner, count_first_labels: bool = False, boundaries: bool = True, needs=()):
         self.inner = inner
         self.count_first_labels = count_first_labels
         self.boundaries = boundaries  # False for models whose forward takes no such keywords
+        self.needs = tuple(needs)
 
     def __call__(self, features, *args, **kwargs):
-        batch = flatten_batch(self.inner(features, *args, **kwargs), self.count_first_labels)
+        batch = self.inner(features, *args, **kwargs)
+        if not all(fallback.enabled(c) for c in (COMPONENT, *self.needs)):
+            return batch
+        try:
+            flat = flatten_batch(batch, self.count_first_labels)
+        except Exception as exc:
+            fallback.failed(COMPONENT, exc, "padded batches")
+            return batch
         if not self.boundaries:
             for key in BOUNDARY_KEYS:
-                batch.pop(key, None)
-        return batch
+                flat.pop(key, None)
+        return flat
 
     def __getattr__(self, name):
-        if name == "inner":  # not yet set (e.g. during unpickling)
+        if name in ("inner", "needs", "boundaries", "count_first_labels"):  # not yet set (unpickling)
             raise AttributeError(name)
         return getattr(self.inner, name)
 

@@ -31,8 +31,6 @@ USER_SCRIPT = '''\
 
 An ordinary TRL script: nothing here refers to unsloth_patch.
 """
-import tempfile
-
 import torch
 import trl
 from datasets import load_dataset
@@ -59,7 +57,7 @@ if TRL < Version("0.15"):
     extra["dataset_text_field"] = "text"
 
 args = SFTConfig(
-    output_dir=tempfile.mkdtemp(),
+    output_dir="out",  # inside the demo's working directory, removed with it
     per_device_train_batch_size={batch_size},
     num_train_epochs=1,
     learning_rate={learning_rate},

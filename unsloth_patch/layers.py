@@ -32,7 +32,7 @@ import textwrap
 import types
 from typing import Optional
 
-from . import log
+from . import fallback, log
 
 __all__ = ["fuse_model_layers", "last_fusion", "is_fused"]
 
@@ -65,12 +65,21 @@ def _runs_here(t) -> bool:
     return t.device.type == "cuda" or _interpreting()
 
 
+RMSNORM, GATED_MLP = "fused RMSNorm", "fused gated MLP"
+
+
 def _rmsnorm_forward(self, hidden_states):
-    if not _runs_here(hidden_states):
+    if not (_runs_here(hidden_states) and fallback.enabled(RMSNORM)):
         return type(self).forward(self, hidden_states)
     from .kernels.rmsnorm import rms_norm
 
-    return rms_norm(hidden_states, self.weight, self._unsloth_eps, self._unsloth_offset)
+    try:
+        return rms_norm(hidden_states, self.weight, self._unsloth_eps, self._unsloth_offset)
+    except Exception as exc:
+        if fallback.is_out_of_memory(exc):
+            raise
+        fallback.failed(RMSNORM, exc, "the module's own forward")
+        return type(self).forward(self, hidden_states)
 
 
 def _gated_mlp_forward(self, x):
@@ -78,9 +87,16 @@ def _gated_mlp_forward(self, x):
 
     gate = self.gate_proj(x)
     up = self.up_proj(x)
-    if not _runs_here(gate) or gate.shape != up.shape:
+    if not (_runs_here(gate) and fallback.enabled(GATED_MLP)) or gate.shape != up.shape:
         return self.down_proj(self.act_fn(gate) * up)
-    return self.down_proj(gated_activation(gate, up, self._unsloth_activation))
+    try:
+        hidden = gated_activation(gate, up, self._unsloth_activation)
+    except Exception as exc:
+        if fallback.is_out_of_memory(exc):
+            raise
+        fallback.failed(GATED_MLP, exc, "the module's own act_fn(gate) * up")
+        hidden = self.act_fn(gate) * up
+    return self.down_proj(hidden)
 
 
 _FUSED = {_rmsnorm_forward: "rmsnorm", _gated_mlp_forward: "mlp"}

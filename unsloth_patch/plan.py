@@ -42,6 +42,9 @@ class TrainerFacts:
     attention_interface: bool = False  # our attention is registered (transformers >= 4.51)
     legacy_attention_blocker: Optional[str] = "not checked"  # None: the < 4.51 varlen path can serve
     packed_mask_detection: bool = False  # transformers' sdpa/eager isolate packed sequences on their own
+    attention_blocker: Optional[str] = None  # why unsloth_varlen cannot reproduce this model's attention
+    prompt_learning: Optional[str] = None  # PEFT adapter type that adds virtual tokens inside the forward
+    slow_attention: Optional[str] = None  # why no varlen kernel beats the padded path on the training device
 
 
 @dataclass
@@ -81,6 +84,9 @@ def padding_free_blocker(facts: TrainerFacts, settings: Settings) -> Optional[st
         return facts.vision
     if facts.encoder_decoder:
         return f"encoder-decoder model ({facts.model_type})"
+    if facts.prompt_learning:
+        return (f"PEFT {facts.prompt_learning} adds virtual tokens inside the forward, so the batch's "
+                "sequence boundaries would not cover the model's inputs")
     if facts.model_type in STATEFUL_MODEL_TYPES:
         return f"model type {facts.model_type!r} carries state across tokens"
     odd_layers = sorted(set(facts.layer_types) - ATTENTION_LAYER_TYPES)
@@ -102,19 +108,33 @@ def padding_free_blocker(facts: TrainerFacts, settings: Settings) -> Optional[st
         return ("this transformers has no AttentionInterface (needs >= 4.51), FlashAttention is not selected, "
                 f"and its FlashAttention-2 classes cannot host our kernels ({facts.legacy_attention_blocker}), "
                 f"so {impl} attention would attend across sequences of a flattened batch")
+    if facts.attention_blocker:
+        return f"the model's attention cannot be computed by our varlen path exactly: {facts.attention_blocker}"
     return None
+
+
+def _slow_here(facts: TrainerFacts) -> bool:
+    """No varlen kernel faster than the padded path will run (and transformers' flash path is not chosen)."""
+    impl = facts.attn_implementation or "sdpa"
+    return bool(facts.slow_attention) and not any(impl.startswith(f) for f in FLASH_IMPLEMENTATIONS)
 
 
 def decide(settings: Settings, facts: TrainerFacts) -> Plan:
     """Decide the plan; raise ``UnslothPatchError`` when a toggle forces the impossible."""
     plan = Plan()
     if facts.packing:
-        if facts.packing_padding_free and settings.padding_free != "off":
+        if facts.packing_padding_free and settings.padding_free == "auto" and _slow_here(facts) \
+                and facts.packed_mask_detection:
+            plan.padding_free_reason = (f"TRL packing left as it is: {facts.slow_attention}, and transformers "
+                                        "already isolates packed sequences")
+        elif facts.packing_padding_free and settings.padding_free != "off" and not facts.prompt_learning:
             plan.boundaries_only = True
             plan.padding_free_reason = "TRL packing builds padding-free rows; boundary metadata added"
             blocker = padding_free_blocker(facts, settings)
             if blocker is None:
                 plan.attention, plan.attention_reason = _attention(settings, facts)
+            else:
+                plan.attention_reason = f"the model keeps its own attention: {blocker}"
         else:
             plan.padding_free_reason = "TRL packing (wrapped rows) left as it is"
         return plan
@@ -129,6 +149,10 @@ def decide(settings: Settings, facts: TrainerFacts) -> Plan:
                 "Accepted: remove the blocker, or set UNSLOTH_PATCH_PADDING_FREE=auto (keeps padded batches) or off."
             )
         plan.padding_free_reason = f"padded batches kept: {blocker}"
+        return plan
+    if settings.padding_free == "auto" and not facts.padding_free_explicit and _slow_here(facts):
+        plan.padding_free_reason = (f"padded batches kept: {facts.slow_attention} "
+                                    "(UNSLOTH_PATCH_PADDING_FREE=on flattens anyway)")
         return plan
     plan.padding_free = True
     plan.padding_free_reason = ("padding_free=True was passed; batches flattened after TRL's truncation"

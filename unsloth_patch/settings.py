@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Callable, Mapping, Optional
 
@@ -41,17 +42,24 @@ def _boolean(name: str, raw: str) -> bool:
 _boolean.accepted = "1 | 0 | true | false | yes | no | on | off"  # type: ignore[attr-defined]
 
 
-def _positive_float(name: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise _invalid(name, raw, "a positive number such as 5e-5") from None
-    if math.isnan(value) or math.isinf(value) or value <= 0:
-        raise _invalid(name, raw, "a positive finite number such as 5e-5")
-    return value
+_NUMBER = re.compile(r"[+]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-_positive_float.accepted = "a positive number, e.g. 5e-5"  # type: ignore[attr-defined]
+def _positive_number(example: str, unit: str = "") -> Callable[[str, str], float]:
+    """A positive finite decimal number, written plainly (no ``_`` separators, no nan/inf)."""
+    accepted = f"a positive number{unit}, such as {example}"
+
+    def parse(name: str, raw: str) -> float:
+        text = raw.strip()
+        if not _NUMBER.fullmatch(text):
+            raise _invalid(name, raw, accepted)
+        value = float(text)
+        if math.isinf(value) or value <= 0:
+            raise _invalid(name, raw, accepted)
+        return value
+
+    parse.accepted = accepted  # type: ignore[attr-defined]
+    return parse
 
 
 def _invalid(name: str, raw: str, accepted: str) -> ValueError:
@@ -83,14 +91,14 @@ TOGGLES: tuple[Toggle, ...] = (
     Toggle("ATTENTION", "auto", _choice("auto", "triton", "torch", "off"),
            "Attention for padding-free batches: auto picks Triton on supported GPUs, then torch varlen_attn, "
            "then a boundary-correct masked path."),
-    Toggle("EMBEDDING_LR", None, _positive_float,
+    Toggle("EMBEDDING_LR", None, _positive_number("5e-5"),
            "Learning rate for the input/output embeddings (lowest precedence after the config field)."),
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
     Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),
            "Replace TRL's default gradient checkpointing by the cheapest policy that fits the card."),
-    Toggle("MEMORY_BUDGET_GB", None, _positive_float,
+    Toggle("MEMORY_BUDGET_GB", None, _positive_number("24 or 7.5", " of GiB"),
            "Memory budget (GiB) used instead of the card's memory when choosing a checkpointing policy."),
     Toggle("LOG_LEVEL", "warning", _choice("debug", "info", "warning", "error"), "Level of the plugin's log."),
 )
@@ -126,13 +134,19 @@ assert {t.name.lower() for t in TOGGLES} == {f.name for f in fields(Settings)}
 
 
 def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
-    """Parse every ``UNSLOTH_PATCH_*`` toggle; raise ``ValueError`` on the first bad one."""
+    """Parse every ``UNSLOTH_PATCH_*`` toggle; raise ``ValueError`` on the first bad one.
+
+    An empty value (``UNSLOTH_PATCH_DISABLE=""``) is an error too: unset the variable instead.
+    """
     environ = os.environ if environ is None else environ
     values = {}
     for toggle in TOGGLES:
         raw = environ.get(toggle.variable)
-        if raw is None or raw.strip() == "":
+        if raw is None:
             values[toggle.name.lower()] = toggle.default
+        elif raw.strip() == "":
+            # an empty value is a mistake more often than a wish for the default: say so
+            raise _invalid(toggle.name, raw, f"{toggle.accepted}; unset the variable for the default")
         else:
             values[toggle.name.lower()] = toggle.parse(toggle.name, raw)
     return Settings(**values)

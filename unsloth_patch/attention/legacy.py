@@ -82,6 +82,9 @@ def varlen_flash_attention_forward(query_states, key_states, value_states, atten
     batch, length, heads, head_dim = query_states.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     window = sliding_window if sliding_window and sliding_window < length else None
+    if key_states.shape[1] != length:  # cached decoding: the keys run ahead of the queries
+        return _dense_with_offset(query_states, key_states, value_states, attention_mask, scale,
+                                  sliding_window or None, softcap)
     if attention_mask is not None:  # padded rows: attend within each row's real tokens
         keep = attention_mask.bool()
         lengths = keep.sum(dim=1)
@@ -101,3 +104,26 @@ def varlen_flash_attention_forward(query_states, key_states, value_states, atten
         full[keep] = out
         return full
     return out.reshape(batch, length, heads, head_dim)
+
+
+def _dense_with_offset(query_states, key_states, value_states, attention_mask, scale, window, softcap):
+    """Queries at the end of longer keys (a KV cache), bottom-right causal, padded keys masked."""
+    length, keys = query_states.shape[1], key_states.shape[1]
+    q, k, v = (t.transpose(1, 2) for t in (query_states, key_states, value_states))  # [B, H, L, D]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    i = torch.arange(length, device=q.device)[:, None] + (keys - length)
+    j = torch.arange(keys, device=q.device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= i - j < window
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, -keys:]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)

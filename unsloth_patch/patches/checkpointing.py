@@ -18,6 +18,7 @@ from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
 from .config_fields import was_explicit
+from .training_edits import train_collator
 
 _ATTRIBUTE = "_unsloth_patch_checkpointing"
 FLAG_FIELDS = ("gradient_checkpointing", "activation_checkpointing")
@@ -110,7 +111,7 @@ def probe_spec(trainer):
     batch_size = int(getattr(trainer, "_train_batch_size", None) or args.per_device_train_batch_size)
     max_length = getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
     packing = bool(getattr(args, "packing", False))
-    flat = isinstance(trainer.data_collator, PaddingFreeCollator) or bool(getattr(args, "padding_free", False)) \
+    flat = isinstance(train_collator(trainer), PaddingFreeCollator) or bool(getattr(args, "padding_free", False)) \
         or packing
     lengths = None if packing else _dataset_lengths(trainer.train_dataset)
     if lengths:

@@ -301,8 +301,9 @@ def translate_trainer_call(args, kwargs, shape: Shape) -> _Plan:
         config = None
 
     new_config = config
-    if config is not None and _is_plain_training_arguments(config, shape):
-        new_config = _convert_training_arguments(config, shape, moves, plan, version)
+    if config is not None and _is_plain_training_arguments(config, shape) and (moves or not _trl_converts(config)):
+        new_config = _convert_training_arguments(config, shape, moves, plan, version,
+                                                 warn=not _trl_converts(config))
     elif moves:
         if config is None:
             new_config = _default_config(shape, plan, positional, moves, version)
@@ -377,7 +378,23 @@ def _is_plain_training_arguments(config, shape: Shape) -> bool:
     return cls is not None and isinstance(config, cls) and dataclasses.is_dataclass(config)
 
 
-def _convert_training_arguments(config, shape: Shape, moves: dict, plan: _Plan, version: str):
+def _trl_converts(config) -> bool:
+    """Whether the installed SFTTrainer turns this TrainingArguments into an SFTConfig by itself.
+
+    TRL 0.11-0.13 convert only the exact class ``TrainingArguments``; later releases any instance.
+    """
+    try:
+        from trl.trainer.sft_trainer import SFTTrainer
+
+        source = inspect.getsource(inspect.unwrap(SFTTrainer.__init__))
+    except Exception:
+        return False
+    if "isinstance(args, TrainingArguments)" in source:
+        return True
+    return '__name__ == "TrainingArguments"' in source and type(config).__name__ == "TrainingArguments"
+
+
+def _convert_training_arguments(config, shape: Shape, moves: dict, plan: _Plan, version: str, warn: bool = True):
     """This TRL's SFTConfig with every value of ``config`` (its values win over SFTConfig defaults)."""
     _check_move_conflicts(config, moves, version)
     source_cls = type(config)
@@ -398,9 +415,10 @@ def _convert_training_arguments(config, shape: Shape, moves: dict, plan: _Plan, 
     values.update({d: v for d, (_, v) in moves.items()})
     converted = shape.config_cls(**values)
     _set_explicit(converted, None if explicit is None else (set(explicit) & set(shape.config_fields)) | set(moves))
-    plan.note(("convert", source_cls.__name__),
-              f"SFTTrainer(args={source_cls.__name__}(...)) is spelled SFTTrainer(args=SFTConfig(...)) in TRL "
-              f"{version}; converted, keeping every value.")
+    if warn:  # where TRL converts it itself we only did so to carry the moved settings: nothing to say
+        plan.note(("convert", source_cls.__name__),
+                  f"SFTTrainer(args={source_cls.__name__}(...)) is spelled SFTTrainer(args=SFTConfig(...)) in TRL "
+                  f"{version}; converted, keeping every value.")
     return converted
 
 

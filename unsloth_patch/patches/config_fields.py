@@ -41,3 +41,16 @@ def was_explicit(config, name: str) -> Optional[bool]:
     """True/False when known; None when the config was created without the patch in place."""
     fields = explicit_fields(config)
     return None if fields is None else name in fields
+
+
+def carry_explicit(source, target) -> None:
+    """``target`` was built from every value of ``source`` (TRL turning a TrainingArguments into an
+    SFTConfig): it was *passed* only what the user passed to ``source``."""
+    given = explicit_fields(source)
+    if given is None or target is source:
+        return
+    try:
+        names = {f.name for f in dataclasses.fields(target)}
+        object.__setattr__(target, _ATTRIBUTE, frozenset(given & names))
+    except Exception:
+        pass

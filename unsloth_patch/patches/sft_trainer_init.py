@@ -1,9 +1,10 @@
 """``SFTTrainer.__init__``: gather the facts, let TRL build the trainer, then apply the plan.
 
 TRL builds the trainer exactly as it would without us (same dataset preparation, same
-truncation, same collator); afterwards the plan wraps that collator so its padded batches
-become padding-free, and switches the model to the varlen attention. The plan is applied as a
-whole or rolled back, so a trainer is never half-patched.
+truncation, same collator); afterwards the plan is decided and prepared: a padding-free
+collator for the training dataloader. Nothing of the model changes here: its edits (varlen
+attention, fused layers) live only while ``train()`` runs (``training_edits``), so evaluation,
+prediction and ``generate()`` outside training see the model as the user gave it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 import inspect
 import logging
 
+import copy
+
 from .. import log, plan as planning, registry
+from ..attention.dispatch import COMPONENT as ATTENTION_COMPONENT
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..errors import UnslothPatchError
 from ..settings import current
-from .config_fields import was_explicit
+from . import training_edits
+from .config_fields import carry_explicit, was_explicit
 
 VISION_COLUMNS = ("image", "images", "video", "videos", "pixel_values")
 PACKING_PADDING_FREE = ("bfd", "bfd_split", "ffd")
@@ -40,20 +45,23 @@ def handle_sft_trainer_init(proceed, instance, args, kwargs):
     finally:
         before.rollback()
     trainer = instance
-    facts = gather_facts(trainer, bound, explicit_padding_free)
-    plan = planning.decide(settings, facts)
-    with Edits() as edits:
-        try:
-            apply_plan(trainer, plan, settings, edits)
-        except UnslothPatchError:
-            raise
-        except Exception as exc:
-            edits.rollback()
-            if settings.padding_free == "on":
-                raise UnslothPatchError(f"UNSLOTH_PATCH_PADDING_FREE=on, but applying it failed: {exc}") from exc
-            plan = planning.Plan(padding_free_reason=f"plan rolled back after an error: {exc}")
-            log.once(("plan-error", type(exc).__name__), logging.WARNING,
-                     "could not apply the padding-free plan (%s); this trainer runs unchanged", exc)
+    converted = getattr(trainer, "args", config)
+    if config is not None and type(converted) is not type(config) and isinstance(converted, type(config)):
+        carry_explicit(config, converted)  # TRL turned a TrainingArguments into its SFTConfig
+    try:
+        facts = gather_facts(trainer, bound, explicit_padding_free, settings)
+        plan = planning.decide(settings, facts)
+        prepare(trainer, plan, settings)
+    except UnslothPatchError:
+        raise
+    except Exception as exc:
+        training_edits.uninstall_collator(trainer)
+        if settings.padding_free == "on":
+            raise UnslothPatchError(f"UNSLOTH_PATCH_PADDING_FREE=on, but applying it failed: {exc}") from exc
+        plan = planning.Plan(padding_free_reason=f"plan rolled back after an error: {exc}")
+        log.once(("plan-error", type(exc).__name__), logging.WARNING,
+                 "could not apply the padding-free plan (%s); this trainer runs unchanged", exc)
+    training_edits.remember_plan(trainer, plan)
     planning.remember(plan)
     log.logger.info("padding-free: %s (%s)", "on" if plan.padding_free else "off", plan.padding_free_reason)
     if plan.attention or plan.attention_reason:
@@ -80,7 +88,8 @@ def _explicit_padding_free(config):
     return bool(config.padding_free) if explicit else None
 
 
-def gather_facts(trainer, bound, explicit_padding_free) -> planning.TrainerFacts:
+def gather_facts(trainer, bound, explicit_padding_free, settings=None) -> planning.TrainerFacts:
+    settings = settings or current()
     config = trainer.args
     model = _base_model(trainer.model)
     model_config = getattr(model, "config", None)
@@ -102,7 +111,67 @@ def gather_facts(trainer, bound, explicit_padding_free) -> planning.TrainerFacts
         attention_interface="attention_interface" in registry.applied_names(),
         legacy_attention_blocker=_legacy_blocker(model),
         packed_mask_detection=_has_packed_mask_detection(),
+        attention_blocker=_attention_blocker(model),
+        prompt_learning=_prompt_learning(trainer.model),
+        slow_attention=_slow_attention(trainer, model, text_config, settings.attention),
     )
+
+
+def _attention_blocker(model):
+    if "attention_interface" not in registry.applied_names():
+        return None  # the < 4.51 path moves whole attention classes; legacy.blocker decides there
+    from ..attention.capability import varlen_blocker
+
+    return varlen_blocker(model)
+
+
+def _prompt_learning(model):
+    """The PEFT prompt-learning type of an active adapter (virtual tokens, prefixes), or None."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return None
+    active = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", None)]
+    if callable(active):
+        active = active()
+    for name in active if isinstance(active, (list, tuple)) else [active]:
+        config = configs.get(name)
+        if config is not None and getattr(config, "is_prompt_learning", False):
+            return str(getattr(getattr(config, "peft_type", None), "value", None) or type(config).__name__).lower()
+    return None
+
+
+def _compute_dtype(trainer, model):
+    import torch
+
+    if getattr(trainer.args, "bf16", False):
+        return torch.bfloat16
+    if getattr(trainer.args, "fp16", False):
+        return torch.float16
+    parameter = next(iter(model.parameters()), None)
+    return parameter.dtype if parameter is not None else torch.float32
+
+
+def _slow_attention(trainer, model, text_config, preference: str):
+    """Why no varlen kernel beats the padded path on the training device, or None (rule: never slower)."""
+    import torch
+
+    from ..attention import backends
+
+    device = torch.device(getattr(trainer.args, "device", "cpu"))
+    head_dim = getattr(text_config, "head_dim", None)
+    if not head_dim:
+        hidden, heads = getattr(text_config, "hidden_size", None), getattr(text_config, "num_attention_heads", None)
+        if not (isinstance(hidden, int) and isinstance(heads, int) and heads):
+            return None  # not an attention model: the blockers say why
+        head_dim = hidden // heads
+    window = getattr(text_config, "sliding_window", None)
+    softcap = getattr(text_config, "attn_logit_softcapping", None)
+    dtype = _compute_dtype(trainer, model)
+    # a forced backend that cannot run here is a clear error now, not in the first forward
+    if backends.choose(preference, device, dtype, int(head_dim), window, softcap) != "masked":
+        return None
+    return (f"no varlen attention kernel here ({device.type}, {str(dtype).replace('torch.', '')}, head dim "
+            f"{head_dim}) is faster than the padded path")
 
 
 def _legacy_blocker(model):
@@ -159,34 +228,28 @@ def _has_packed_mask_detection() -> bool:
     return True
 
 
-def apply_plan(trainer, plan: planning.Plan, settings, edits: Edits) -> None:
-    """Make the trainer match the plan; every change goes through ``edits``."""
-    from ..layers import fuse_model_layers; fuse_model_layers(_base_model(trainer.model), settings, edits)
+def prepare(trainer, plan: planning.Plan, settings) -> None:
+    """Build what the plan needs for training; the trainer and the model stay as TRL made them.
+
+    The padding-free collator serves the training dataloader only (evaluation and prediction keep
+    TRL's batches, so predictions and metrics are shaped as stock); the model's edits (attention,
+    fused layers) are applied for the duration of ``train()`` by ``training_edits``.
+    """
     if not (plan.padding_free or plan.boundaries_only):
         return
     collator = trainer.data_collator
+    inner = collator
     if hasattr(collator, "return_position_ids") and not getattr(collator, "return_position_ids"):
         # TRL 0.19-0.23 drop position_ids unless FlashAttention is selected: boundaries would be lost.
-        edits.setattr(collator, "return_position_ids", True)
+        inner = copy.copy(collator)
+        inner.return_position_ids = True
     model = _base_model(trainer.model)
-    if not isinstance(collator, PaddingFreeCollator):
-        edits.setattr(trainer, "data_collator", PaddingFreeCollator(
-            collator, _counts_first_labels(trainer), boundaries=_forward_takes_boundaries(model)))
-    if getattr(model.config, "use_cache", False):
-        # a cache during the training forward turns off packed-sequence handling in transformers
-        edits.setattr(model.config, "use_cache", False)
-    if plan.attention:
-        from ..attention.dispatch import set_preference
-
-        if settings.attention in ("triton", "torch"):
-            _check_forced_backend(model, settings.attention)
-        set_preference(settings.attention)
-        if plan.attention == planning.LEGACY:
-            from ..attention import legacy
-
-            legacy.switch(model, edits)
-        else:
-            _set_attention(model, plan.attention, edits)
+    train_collator = PaddingFreeCollator(inner, _counts_first_labels(trainer), boundaries=_forward_takes_boundaries(model),
+                                         needs=(ATTENTION_COMPONENT,) if plan.attention else ())
+    training_edits.install_collator(trainer, collator, train_collator)
+    if plan.padding_free and plan.padding_free_reason.startswith("padding_free=True") and \
+            hasattr(trainer, "padding_free"):
+        object.__setattr__(trainer, "padding_free", True)  # the trainer says what its batches are
     if plan.padding_free:
         _log_truncation(trainer)
 
@@ -198,28 +261,6 @@ def _forward_takes_boundaries(model) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.kind is p.VAR_KEYWORD or p.name == "cu_seq_lens_q" for p in parameters)
-
-
-def _check_forced_backend(model, preference: str) -> None:
-    """A forced backend that cannot run on this model fails now, not in the first forward."""
-    from ..attention import backends
-
-    parameter = next(model.parameters())
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    backends.choose(preference, parameter.device, parameter.dtype, int(head_dim))
-
-
-def _set_attention(model, name: str, edits: Edits) -> None:
-    previous = model.config._attn_implementation
-    if previous == name:
-        return
-    if hasattr(model, "set_attn_implementation"):
-        edits.call(lambda: model.set_attn_implementation(name), lambda: model.set_attn_implementation(previous))
-    else:
-        edits.setattr(model.config, "_attn_implementation", name)
-    if model.config._attn_implementation != name:
-        raise RuntimeError(f"the model refused attention implementation {name!r}")
 
 
 def _counts_first_labels(trainer) -> bool:

@@ -1,0 +1,153 @@
+"""The plan's edits live while ``train()`` runs, and the training dataloader alone flattens.
+
+``Trainer.train``: on entry the model is switched to the plan's attention, its recognised
+layers get fused forwards and its cache is turned off; on return (or an exception) every edit
+is rolled back, so ``generate()``, ``evaluate()`` and ``predict()`` after training see the model
+exactly as the user gave it. Inside ``train()`` the attention takes only the calls it can
+compute as the model would (see ``attention.dispatch``): evaluation batches, which keep TRL's
+padded layout, run on the model's own attention.
+
+``Trainer.get_train_dataloader``: the padding-free collator prepared at ``SFTTrainer.__init__``
+serves the training dataloader; ``trainer.data_collator`` stays TRL's own, so the evaluation
+and prediction dataloaders return stock-shaped batches (predictions ``[B, L, V]``, every label).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from .. import fallback, log
+from ..edits import Edits
+from ..settings import current
+
+PLAN_ATTRIBUTE = "_unsloth_patch_plan"
+COLLATOR_ATTRIBUTE = "_unsloth_patch_train_collator"
+ACTIVE_ATTRIBUTE = "_unsloth_patch_edits_active"
+COMPONENT = "training edits"
+
+
+def _set(obj, name, value) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def remember_plan(trainer, plan) -> None:
+    _set(trainer, PLAN_ATTRIBUTE, plan)
+
+
+def plan_of(trainer):
+    return getattr(trainer, PLAN_ATTRIBUTE, None)
+
+
+def install_collator(trainer, wrapped, train_collator) -> None:
+    """Serve ``train_collator`` to the training dataloader while the trainer's collator is ``wrapped``."""
+    _set(trainer, COLLATOR_ATTRIBUTE, (wrapped, train_collator))
+
+
+def uninstall_collator(trainer) -> None:
+    trainer.__dict__.pop(COLLATOR_ATTRIBUTE, None)
+
+
+def train_collator(trainer):
+    """The collator the training dataloader uses (ours, or the trainer's own)."""
+    entry = getattr(trainer, COLLATOR_ATTRIBUTE, None)
+    if entry is not None and trainer.data_collator is entry[0]:
+        return entry[1]
+    return trainer.data_collator
+
+
+def handle_get_train_dataloader(proceed, trainer, args, kwargs):
+    collator = train_collator(trainer)
+    if collator is trainer.data_collator:  # no plan, or the user replaced the collator since
+        return proceed(*args, **kwargs)
+    own = trainer.data_collator
+    trainer.data_collator = collator
+    try:
+        return proceed(*args, **kwargs)
+    finally:
+        trainer.data_collator = own
+
+
+def handle_train(proceed, trainer, args, kwargs):
+    with active(trainer):
+        return proceed(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def active(trainer):
+    """The plan's model edits for the duration of the block (re-entrant; no plan: nothing)."""
+    plan = plan_of(trainer)
+    if plan is None or getattr(trainer, ACTIVE_ATTRIBUTE, False):
+        yield
+        return
+    edits = Edits()
+    try:
+        apply_model_edits(trainer, plan, current(), edits)
+    except Exception as exc:
+        edits.rollback()
+        if fallback.is_out_of_memory(exc):
+            raise
+        from ..collate import COMPONENT as COLLATOR
+
+        fallback.failed(COMPONENT, exc, "the model as given and padded batches")
+        fallback.failed(COLLATOR, exc, "padded batches")
+        yield
+        return
+    _set(trainer, ACTIVE_ATTRIBUTE, True)
+    try:
+        yield
+    finally:
+        _set(trainer, ACTIVE_ATTRIBUTE, False)
+        edits.rollback()
+
+
+def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
+    """Make the model match the plan for training; every change goes through ``edits``."""
+    from ..layers import fuse_model_layers
+
+    model = base_model(trainer.model)
+    fuse_model_layers(model, settings, edits)
+    if not (plan.padding_free or plan.boundaries_only):
+        return
+    if getattr(model.config, "use_cache", False):
+        # a cache during the training forward turns off packed-sequence handling in transformers
+        edits.setattr(model.config, "use_cache", False)
+    if plan.attention:
+        from .. import plan as planning
+        from ..attention.dispatch import set_preference
+
+        set_preference(settings.attention)
+        if plan.attention == planning.LEGACY:
+            from ..attention import legacy
+
+            legacy.switch(model, edits)
+        else:
+            set_attention(model, plan.attention, edits)
+
+
+def base_model(model):
+    getter = getattr(model, "get_base_model", None)
+    return getter() if callable(getter) else model
+
+
+def set_attention(model, name: str, edits: Edits) -> None:
+    """Switch ``model`` to attention ``name``, remembering the implementation it falls back to."""
+    from ..attention import dispatch
+
+    previous = model.config._attn_implementation
+    if previous == name:
+        return
+    configs = [model.config]
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text is not None and text is not model.config:
+        configs.append(text)
+    for config in configs:
+        edits.call(lambda c=config: dispatch.remember_original(c, previous),
+                   lambda c=config: dispatch.forget_original(c))
+    if hasattr(model, "set_attn_implementation"):
+        edits.call(lambda: model.set_attn_implementation(name), lambda: model.set_attn_implementation(previous))
+    else:
+        edits.setattr(model.config, "_attn_implementation", name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"the model refused attention implementation {name!r}")
+    log.logger.log(logging.DEBUG, "attention: %s -> %s for this train()", previous, name)

@@ -36,6 +36,7 @@ TARGETS_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.smoke
 def test_patched_when_imported_before_trl():
     result = run_python(TARGETS_CHECK + textwrap.dedent("""
         import unsloth_patch
@@ -53,6 +54,7 @@ def test_patched_when_imported_before_trl():
     assert "OK" in result.stdout
 
 
+@pytest.mark.smoke
 def test_patched_when_imported_after_trl_and_remove_restores_identity():
     result = run_python(TARGETS_CHECK + textwrap.dedent("""
         from trl import SFTTrainer, SFTConfig
@@ -111,6 +113,7 @@ def test_invalid_toggle_fails_the_import_clearly():
     assert "auto, on, off" in result.stderr
 
 
+@pytest.mark.smoke
 def test_report_command_prints_versions_toggles_and_patches(capsys):
     import unsloth_patch.__main__ as cli
 

@@ -160,7 +160,7 @@ def _trained_tokens(trainer, shifted_rows: bool):
     return total
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("accumulation", [pytest.param(1, marks=pytest.mark.smoke), 2])
 def test_five_steps_give_the_padded_runs_losses_and_tokens(tokenizer, dataset, tmp_path, stock, accumulation):
     # A typical SFT learning rate: with 1e-3, Adam turns rounding-level gradient differences (different
     # summation order in padded vs flat batches) into lr-sized updates of near-zero-gradient weights.

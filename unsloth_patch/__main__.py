@@ -29,9 +29,9 @@ def _gpu() -> str:
     return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor}"
 
 
-def print_report(out=sys.stdout) -> int:
+def print_report(out=None) -> int:
     import unsloth_patch
-    from . import registry
+    from . import fallback, registry
 
     for module in registry.target_modules():  # importing the targets lets the hooks fire
         try:
@@ -39,6 +39,7 @@ def print_report(out=sys.stdout) -> int:
         except Exception:
             pass
     unsloth_patch.apply()
+    out = out or sys.stdout
     write = lambda line="": print(line, file=out)  # noqa: E731
     write(f"unsloth_patch {unsloth_patch.__version__}")
     write(f"python {platform.python_version()}")
@@ -55,6 +56,13 @@ def print_report(out=sys.stdout) -> int:
         status = "applied" if rec.applied else "skipped"
         write(f"  {rec.name:<22} {status:<8} {rec.reason}")
         write(f"  {'':<22} targets: {', '.join(rec.targets)}")
+    write()
+    write("fallbacks: (parts of ours switched off for the rest of the run after an error)")
+    failures = fallback.failures()
+    for component, error in failures.items():
+        write(f"  {component}: {error}")
+    if not failures:
+        write("  none")
     return 0
 
 

@@ -17,7 +17,13 @@ from typing import Optional
 
 import torch
 
-from .dispatch import boundaries, run_varlen
+from .. import fallback
+from . import backends
+from .dispatch import COMPONENT, boundaries, run_varlen
+
+
+class _Disabled(Exception):
+    """Our varlen path was switched off earlier in this run."""
 
 NAME = "flash_attention_2"  # what the model's config must say for its mask logic; runs our kernels
 # FlashAttention-2 classes of these versions drop Gemma2's soft-capping without the flash-attn package.
@@ -97,8 +103,18 @@ def varlen_flash_attention_forward(query_states, key_states, value_states, atten
         q = query_states.reshape(batch * length, heads, head_dim)
         k = key_states.reshape(batch * length, key_states.shape[2], head_dim)
         v = value_states.reshape(batch * length, value_states.shape[2], head_dim)
-    out = run_varlen(q, k, v, cu, longest, scale=scale, window=window, softcap=softcap, dropout=dropout,
-                     training=dropout > 0)
+    try:
+        if not fallback.enabled(COMPONENT):
+            raise _Disabled
+        out = run_varlen(q, k, v, cu, longest, scale=scale, window=window, softcap=softcap, dropout=dropout,
+                         training=dropout > 0)
+    except Exception as exc:
+        if fallback.is_out_of_memory(exc):
+            raise
+        if not isinstance(exc, _Disabled):
+            fallback.failed(COMPONENT, exc, "exact attention with plain torch operations")
+        out = backends.run("masked", q.contiguous(), k.contiguous(), v.contiguous(), cu.cpu(), longest, scale=scale,
+                           window=window, softcap=softcap, dropout=dropout, training=dropout > 0)
     if attention_mask is not None:
         full = query_states.new_zeros(batch, length, heads, head_dim)
         full[keep] = out

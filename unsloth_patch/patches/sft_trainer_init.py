@@ -245,7 +245,8 @@ def prepare(trainer, plan: planning.Plan, settings) -> None:
         inner.return_position_ids = True
     model = _base_model(trainer.model)
     train_collator = PaddingFreeCollator(inner, _counts_first_labels(trainer), boundaries=_forward_takes_boundaries(model),
-                                         needs=(ATTENTION_COMPONENT,) if plan.attention else ())
+                                         needs=(training_edits.COMPONENT,) + ((ATTENTION_COMPONENT,) if plan.attention
+                                                                              else ()))
     training_edits.install_collator(trainer, collator, train_collator)
     if plan.padding_free and plan.padding_free_reason.startswith("padding_free=True") and \
             hasattr(trainer, "padding_free"):

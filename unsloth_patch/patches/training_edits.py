@@ -87,10 +87,7 @@ def active(trainer):
         edits.rollback()
         if fallback.is_out_of_memory(exc):
             raise
-        from ..collate import COMPONENT as COLLATOR
-
-        fallback.failed(COMPONENT, exc, "the model as given and padded batches")
-        fallback.failed(COLLATOR, exc, "padded batches")
+        fallback.failed(COMPONENT, exc, "the model as given and padded batches")  # the collator reads this
         yield
         return
     _set(trainer, ACTIVE_ATTRIBUTE, True)

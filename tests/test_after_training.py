@@ -1,0 +1,145 @@
+"""What users do next: generate(), evaluate() and predict() after (and during) a patched train().
+
+The model leaves training as the user gave it; inside training, every call the varlen attention
+cannot take exactly (padded batches, cached decoding) runs on the model's own attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unsloth_patch
+from unsloth_patch.collate import PaddingFreeCollator
+from unsloth_patch.layers import is_fused
+from unsloth_patch.tiny import build_model, build_tokenizer
+
+from .helpers import losses, sft_config, sft_trainer, text_dataset, train_collator, use_settings  # noqa: F401
+
+PROMPTS = ["hello there, how are", "what do you", "i think that the weather today is"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer):
+    return text_dataset(tokenizer, limit=24)
+
+
+@pytest.fixture(autouse=True)
+def flatten(use_settings):
+    use_settings(padding_free="on")  # the padding-free path, also on this CPU
+
+
+def _model(tokenizer, seed=0):
+    return build_model("llama", vocab_size=len(tokenizer), seed=seed)
+
+
+def _stock_copy(tokenizer, model):
+    """A model the plugin never touched, holding ``model``'s current weights."""
+    copy = _model(tokenizer, seed=1)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+def _generate(model, tokenizer, prompts, use_cache):
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=use_cache,
+                              pad_token_id=tokenizer.pad_token_id).tolist()
+
+
+CASES = [pytest.param(prompts, cache, id=f"{name}-{'cache' if cache else 'nocache'}")
+         for name, prompts in (("one-unpadded-prompt", PROMPTS[:1]), ("left-padded-batch", PROMPTS))
+         for cache in (True, False)]
+
+
+@pytest.mark.parametrize("prompts, use_cache", CASES)
+def test_generate_after_training_gives_the_stock_models_tokens(prompts, use_cache, tokenizer, dataset, tmp_path):
+    model = _model(tokenizer)
+    trainer = sft_trainer(model, tokenizer, dataset, sft_config(tmp_path, max_length=64, max_steps=3))
+    assert isinstance(train_collator(trainer), PaddingFreeCollator)
+    implementation = model.config._attn_implementation
+    own_forwards = {name: vars(m)["forward"] for name, m in model.named_modules() if "forward" in vars(m)}
+    trainer.train()
+    assert model.config._attn_implementation == implementation
+    # no instance edit of ours outlives train() (TRL's own wrapper of the top-level forward may stay)
+    after = {name: vars(m)["forward"] for name, m in model.named_modules() if "forward" in vars(m)}
+    assert after.keys() == own_forwards.keys() and not any(is_fused(m) for m in model.modules())
+    model.eval()
+    assert _generate(model, tokenizer, prompts, use_cache) == \
+        _generate(_stock_copy(tokenizer, model), tokenizer, prompts, use_cache)
+
+
+def test_generate_inside_training_runs_on_the_models_own_attention(tokenizer, dataset, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class GenerateEachStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            model = trainer.model
+            seen.append(model.config._attn_implementation)
+            was_training = model.training
+            model.eval()
+            for prompts in (PROMPTS[:1], PROMPTS):
+                for cache in (True, False):
+                    assert _generate(model, tokenizer, prompts, cache) == \
+                        _generate(_stock_copy(tokenizer, model), tokenizer, prompts, cache), (prompts, cache)
+            model.train(was_training)
+
+    trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, max_length=64, max_steps=2),
+                          callbacks=[GenerateEachStep()])
+    trainer.train()
+    assert len(seen) == 2 and seen[0] == unsloth_patch.last_plan().attention  # really the varlen model
+    assert len(losses(trainer)) == 2
+
+
+def _metrics(prediction):
+    logits, labels = prediction
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    keep = labels[:, 1:] != -100
+    guesses = logits[:, :-1].argmax(-1)
+    return {"accuracy": float((guesses[keep] == labels[:, 1:][keep]).mean()), "tokens": int(keep.sum())}
+
+
+def test_predict_and_metrics_after_training_are_stock_shaped(tokenizer, dataset, tmp_path):
+    from unsloth_patch.tiny import chat_dataset  # noqa: F401
+
+    evaluation = text_dataset(tokenizer, limit=10)  # 10 rows, batch 4: a short last batch
+    results = {}
+    for mode in ("stock", "patched"):
+        if mode == "stock":
+            unsloth_patch.remove()
+        try:
+            trainer = sft_trainer(_model(tokenizer), tokenizer, dataset,
+                                  sft_config(tmp_path / mode, max_length=64, max_steps=3, learning_rate=1e-4,
+                                             per_device_eval_batch_size=4),
+                                  eval_dataset=evaluation, compute_metrics=_metrics)
+            if mode == "patched":
+                assert isinstance(train_collator(trainer), PaddingFreeCollator)
+            trainer.train()
+            prediction = trainer.predict(trainer.eval_dataset)
+            results[mode] = (prediction, trainer.evaluate(), losses(trainer))
+        finally:
+            if mode == "stock":
+                unsloth_patch.apply()
+    (stock, stock_eval, stock_losses), (ours, our_eval, our_losses) = results["stock"], results["patched"]
+    stock_logits = stock.predictions[0] if isinstance(stock.predictions, tuple) else stock.predictions
+    our_logits = ours.predictions[0] if isinstance(ours.predictions, tuple) else ours.predictions
+    assert our_logits.shape == stock_logits.shape and stock_logits.shape[0] == 10
+    assert ours.label_ids.shape == stock.label_ids.shape
+    assert (ours.label_ids != -100).sum() == (stock.label_ids != -100).sum()
+    assert ours.metrics["test_tokens"] == stock.metrics["test_tokens"]
+    assert abs(ours.metrics["test_accuracy"] - stock.metrics["test_accuracy"]) <= 1e-6
+    for a, b in zip(stock_losses, our_losses):
+        assert abs(a - b) <= 1e-4 * abs(a)
+    assert abs(our_eval["eval_loss"] - stock_eval["eval_loss"]) <= 1e-4 * abs(stock_eval["eval_loss"])

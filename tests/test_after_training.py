@@ -143,3 +143,25 @@ def test_predict_and_metrics_after_training_are_stock_shaped(tokenizer, dataset,
     for a, b in zip(stock_losses, our_losses):
         assert abs(a - b) <= 1e-4 * abs(a)
     assert abs(our_eval["eval_loss"] - stock_eval["eval_loss"]) <= 1e-4 * abs(stock_eval["eval_loss"])
+
+
+@pytest.mark.newest_only  # about a minute of CPU compilation; the contract does not depend on the TRL version
+def test_torch_compile_trains_with_the_uncompiled_losses(tokenizer, dataset, tmp_path):
+    from trl import SFTConfig
+
+    from .helpers import config_fields
+
+    if "torch_compile" not in config_fields(SFTConfig):
+        pytest.skip("this TRL has no torch_compile")
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        trainer = sft_trainer(_model(tokenizer), tokenizer, dataset,
+                              sft_config(tmp_path / str(compiled), max_length=48, max_steps=3, learning_rate=1e-4,
+                                         torch_compile=compiled))
+        assert isinstance(train_collator(trainer), PaddingFreeCollator)
+        trainer.train()
+        runs[compiled] = losses(trainer)
+    assert len(runs[True]) == len(runs[False]) == 3
+    for a, b in zip(runs[False], runs[True]):
+        assert abs(a - b) <= 1e-4 * abs(a), runs

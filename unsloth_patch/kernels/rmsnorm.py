@@ -24,7 +24,10 @@ elements or more; strided blocks of ``BLOCK_M`` rows for short rows such as per-
 and writes its own fp32 partial sum; the partials are then reduced by ``torch.sum`` over the
 program axis. No atomics.
 
-Importing this module never needs Triton; calling :func:`rms_norm` does.
+The kernels run inside ``torch.library`` custom ops (``unsloth_patch::rms_norm`` and its
+backward) with fake implementations, so ``torch.compile`` treats them as single opaque
+operations. Importing this module never needs Triton; calling :func:`rms_norm` does (if a
+launch fails, the op computes the same maths in PyTorch, once warned).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 
 import torch
 
+from . import _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
 
@@ -185,60 +189,112 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, offset):
-        shape = x.shape
-        n = shape[-1]
-        x2 = _rows(x, n)
-        m = x2.shape[0]
-        out_dtype = x.dtype if offset else torch.promote_types(weight.dtype, x.dtype)
-        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-        rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
-        block_m, block_n, warps = _blocks(n)
-        if m:
-            _rms_forward[(triton.cdiv(m, block_m),)](
-                x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), float(eps), float(offset),
-                OFFSET_MODE=bool(offset), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-            )
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.offset = float(offset)
-        ctx.shape = shape
-        return y.view(*shape[:-1], n)
+KERNEL = "RMSNorm kernel"
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        m, n = x2.shape
-        dy2 = _rows(dy, n)
-        dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-        if not m:
-            return dx.view(ctx.shape), torch.zeros_like(weight), None, None
-        index = x2.device.index if x2.device.type == "cuda" else 0
-        budget = max(1, _multiprocessors(index or 0) * BACKWARD["programs_per_sm"])
-        mode = bool(ctx.offset)
-        if n >= BACKWARD["rows_kernel_min_n"]:
-            block_n = triton.next_power_of_2(n)
-            per_program = triton.cdiv(m, min(m, budget))
-            programs = triton.cdiv(m, per_program)
-            partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
-            _rms_backward_rows[(programs,)](
-                dy2, x2, weight, rstd, dx, partial, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
-                ctx.offset, per_program, OFFSET_MODE=mode, BLOCK_N=block_n,
-                num_warps=min(16, max(BACKWARD["row_warps"], block_n // 1024)),
-            )
-        else:
-            block_m, block_n, warps = _blocks(n)
-            blocks = triton.cdiv(m, block_m)
-            programs = max(1, min(blocks, budget))
-            partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
-            _rms_backward[(programs,)](
-                dy2, x2, weight, rstd, dx, partial, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
-                ctx.offset, triton.cdiv(blocks, programs),
-                OFFSET_MODE=mode, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-            )
-        dweight = partial.sum(0).to(weight.dtype)
-        return dx.view(ctx.shape), dweight, None, None
+
+def _output_dtype(x_dtype, weight_dtype, offset):
+    return x_dtype if offset else torch.promote_types(weight_dtype, x_dtype)
+
+
+def _forward_triton(x2, weight, eps, offset):
+    m, n = x2.shape
+    y = torch.empty((m, n), dtype=_output_dtype(x2.dtype, weight.dtype, offset), device=x2.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    block_m, block_n, warps = _blocks(n)
+    if m:
+        _rms_forward[(triton.cdiv(m, block_m),)](
+            x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), float(eps), float(offset),
+            OFFSET_MODE=bool(offset), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )
+    return y, rstd
+
+
+def _backward_triton(dy2, x2, weight, rstd, offset):
+    m, n = x2.shape
+    dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if not m:
+        return dx, torch.zeros_like(weight)
+    index = x2.device.index if x2.device.type == "cuda" else 0
+    budget = max(1, _multiprocessors(index or 0) * BACKWARD["programs_per_sm"])
+    mode = bool(offset)
+    if n >= BACKWARD["rows_kernel_min_n"]:
+        block_n = triton.next_power_of_2(n)
+        per_program = triton.cdiv(m, min(m, budget))
+        programs = triton.cdiv(m, per_program)
+        partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
+        _rms_backward_rows[(programs,)](
+            dy2, x2, weight, rstd, dx, partial, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
+            offset, per_program, OFFSET_MODE=mode, BLOCK_N=block_n,
+            num_warps=min(16, max(BACKWARD["row_warps"], block_n // 1024)),
+        )
+    else:
+        block_m, block_n, warps = _blocks(n)
+        blocks = triton.cdiv(m, block_m)
+        programs = max(1, min(blocks, budget))
+        partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
+        _rms_backward[(programs,)](
+            dy2, x2, weight, rstd, dx, partial, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
+            offset, triton.cdiv(blocks, programs),
+            OFFSET_MODE=mode, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )
+    return dx, partial.sum(0).to(weight.dtype)
+
+
+def _forward_reference(x2, weight, eps, offset):
+    xf = x2.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    normed = xf * rstd[:, None]
+    if offset:
+        y = normed * (weight.float() + offset)
+    else:
+        y = normed.to(x2.dtype).float() * weight.float()
+    return y.to(_output_dtype(x2.dtype, weight.dtype, offset)), rstd
+
+
+def _backward_reference(dy2, x2, weight, rstd, offset):
+    xf, dyf = x2.float(), dy2.float()
+    normed = xf * rstd[:, None]
+    g = dyf * (weight.float() + offset)
+    dx = rstd[:, None] * (g - normed * (g * normed).mean(-1, keepdim=True))
+    seen = normed if offset else normed.to(x2.dtype).float()
+    return dx.to(x2.dtype), (dyf * seen).sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op("unsloth_patch::rms_norm", mutates_args=())
+def _rms_norm_op(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _guard.run(KERNEL, _forward_triton, _forward_reference, x2, weight, eps, offset)
+
+
+@_rms_norm_op.register_fake
+def _(x2, weight, eps, offset):
+    y = x2.new_empty(x2.shape, dtype=_output_dtype(x2.dtype, weight.dtype, offset))
+    return y, x2.new_empty((x2.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("unsloth_patch::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                          offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _guard.run(KERNEL, _backward_triton, _backward_reference, dy2, x2, weight, rstd, offset)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy2, x2, weight, rstd, offset):
+    return torch.empty_like(x2), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x2, weight, _, offset = inputs
+    ctx.save_for_backward(x2, weight, output[1])
+    ctx.offset = float(offset)
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x2, weight, rstd = ctx.saved_tensors
+    dx, dweight = _rms_norm_backward_op(_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset)
+    return dx, dweight, None, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_setup_context)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -247,4 +303,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
         raise RuntimeError(f"rms_norm needs Triton, which failed to import: {_TRITON_IMPORT_ERROR}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not match rows of {x.shape[-1]}")
-    return _RMSNormFunction.apply(x, weight, eps, offset)
+    shape = x.shape
+    y, _ = _rms_norm_op(_rows(x, shape[-1]), weight, float(eps), float(offset))
+    return y.view(*shape[:-1], shape[-1])

@@ -21,7 +21,11 @@ Derivatives used::
 
 ``tanh`` is written as ``2 * sigmoid(2z) - 1`` so the kernels use only ``exp``.
 
-Importing this module never needs Triton; calling :func:`swiglu` or :func:`geglu` does.
+The kernels run inside ``torch.library`` custom ops (``unsloth_patch::gated_activation`` and
+its backward) with fake implementations, so ``torch.compile`` treats them as single opaque
+operations. Importing this module never needs Triton; calling :func:`swiglu` or :func:`geglu`
+does (without Triton, or if a launch fails, the op computes the same maths in PyTorch, once
+warned).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 
 import torch
 
+from . import _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
 
@@ -96,30 +101,84 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-class _GatedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up, gelu):
-        gate, up = _flat(gate), _flat(up)
-        y = torch.empty_like(gate)
-        numel = gate.numel()
-        if numel:
-            _gated_forward[(triton.cdiv(numel, _BLOCK),)](gate, up, y, numel, GELU=gelu, BLOCK=_BLOCK, num_warps=8)
-        ctx.save_for_backward(gate, up)
-        ctx.gelu = gelu
-        return y
+KERNEL = "gated activation kernel"
 
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        dy = _flat(dy)
-        dgate = torch.empty_like(gate)
-        dup = torch.empty_like(up)
-        numel = gate.numel()
-        if numel:
-            _gated_backward[(triton.cdiv(numel, _BLOCK),)](
-                dy, gate, up, dgate, dup, numel, GELU=ctx.gelu, BLOCK=_BLOCK, num_warps=8,
-            )
-        return dgate, dup, None
+
+def _forward_triton(gate, up, gelu):
+    y = torch.empty_like(gate)
+    numel = gate.numel()
+    if numel:
+        _gated_forward[(triton.cdiv(numel, _BLOCK),)](gate, up, y, numel, GELU=gelu, BLOCK=_BLOCK, num_warps=8)
+    return y
+
+
+def _backward_triton(dy, gate, up, gelu):
+    dgate = torch.empty_like(gate)
+    dup = torch.empty_like(up)
+    numel = gate.numel()
+    if numel:
+        _gated_backward[(triton.cdiv(numel, _BLOCK),)](
+            dy, gate, up, dgate, dup, numel, GELU=gelu, BLOCK=_BLOCK, num_warps=8,
+        )
+    return dgate, dup
+
+
+def _activation_and_slope(g, gelu):
+    """``act(g)`` and ``act'(g)`` in fp32, as the kernels compute them."""
+    if gelu:
+        t = torch.tanh(_SQRT_2_OVER_PI * (g + _GELU_C * g * g * g))
+        act = 0.5 * g * (1.0 + t)
+        slope = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * g * g)
+        return act, slope
+    s = torch.sigmoid(g)
+    return g * s, s * (1.0 + g * (1.0 - s))
+
+
+def _forward_reference(gate, up, gelu):
+    act, _ = _activation_and_slope(gate.float(), gelu)
+    return (act * up.float()).to(gate.dtype)
+
+
+def _backward_reference(dy, gate, up, gelu):
+    act, slope = _activation_and_slope(gate.float(), gelu)
+    dyf = dy.float()
+    return (dyf * up.float() * slope).to(gate.dtype), (dyf * act).to(up.dtype)
+
+
+@torch.library.custom_op("unsloth_patch::gated_activation", mutates_args=())
+def _gated_op(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    return _guard.run(KERNEL, _forward_triton, _forward_reference, gate, up, gelu)
+
+
+@_gated_op.register_fake
+def _(gate, up, gelu):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("unsloth_patch::gated_activation_backward", mutates_args=())
+def _gated_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                       gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _guard.run(KERNEL, _backward_triton, _backward_reference, dy, gate, up, gelu)
+
+
+@_gated_backward_op.register_fake
+def _(dy, gate, up, gelu):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, gelu = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.gelu = gelu
+
+
+def _gated_grad(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dgate, dup = _gated_backward_op(_flat(dy), gate, up, ctx.gelu)
+    return dgate, dup, None
+
+
+_gated_op.register_autograd(_gated_grad, setup_context=_setup_context)
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
@@ -133,7 +192,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "si
     if gate.dtype != up.dtype:
         dtype = torch.promote_types(gate.dtype, up.dtype)
         gate, up = gate.to(dtype), up.to(dtype)
-    return _GatedFunction.apply(gate, up, activation == "gelu_tanh")
+    return _gated_op(_flat(gate), _flat(up), activation == "gelu_tanh")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

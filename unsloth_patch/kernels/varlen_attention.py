@@ -35,6 +35,11 @@ per tile instead of 5).
 The log-sum-exp saved for the backward pass is kept in base 2
 (``log2(sum(exp2(...)))`` of the base-2 scaled scores), shape ``[Hq, T]``.
 
+The kernels run inside ``torch.library`` custom ops (``unsloth_patch::varlen_attention`` and
+its backward) with fake implementations, so ``torch.compile`` treats each as one opaque
+operation. A launch that fails (a compile error, say) makes the op compute the same maths in
+plain PyTorch for the rest of the run, once warned.
+
 Triton is imported here but failures are deferred: ``import
 unsloth_patch.kernels`` works without Triton, and calling the kernel then
 raises a clear ``RuntimeError``.
@@ -45,12 +50,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Optional
 
 try:  # torch and triton are optional at import time; checked when called.
     import torch
 except ImportError:  # pragma: no cover - torch is a hard dependency in practice
     torch = None
 
+from . import _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
 
@@ -618,22 +625,109 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, sm_scale, causal, w
     return dq, dk, dv
 
 
+KERNEL = "varlen attention kernel"
+
+
+def _reference_scores(q, k, scale, causal, window, softcap):
+    """Scores (fp32, capped, masked) of one sequence: q [H, n, D], k [H, n, D] -> [H, n, n]."""
+    raw = torch.matmul(q, k.transpose(-1, -2)) * scale
+    capped = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    n = q.shape[1]
+    i = torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(n, device=q.device)[None, :]
+    allowed = (j <= i) if causal else torch.ones(n, n, dtype=torch.bool, device=q.device)
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    return raw, capped.masked_fill(~allowed, float("-inf"))
+
+
+def _sequences(cu_seqlens):
+    bounds = cu_seqlens.tolist()
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _forward_reference(q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap):
+    """The kernel's maths in plain PyTorch (fp32), one sequence at a time: ``(out, base-2 lse)``."""
+    total, heads, head_dim = q.shape
+    group = heads // k.shape[1]
+    scale, _, _, _ = _scalars(head_dim, sm_scale, softcap)
+    out = torch.zeros_like(q)
+    lse = torch.zeros((heads, total), device=q.device, dtype=torch.float32)
+    for a, b in _sequences(cu_seqlens):
+        qs = q[a:b].transpose(0, 1).float()
+        ks = k[a:b].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        vs = v[a:b].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        _, scores = _reference_scores(qs, ks, scale, causal, window, softcap)
+        lse[:, a:b] = torch.logsumexp(scores, dim=-1) * _LOG2E
+        out[a:b] = torch.matmul(torch.softmax(scores, dim=-1), vs).transpose(0, 1).to(q.dtype)
+    return out, lse
+
+
+def _backward_reference(do, q, k, v, out, lse, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap):
+    """Gradients of the kernel's maths in plain PyTorch (fp32), recomputed from q, k, v."""
+    heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    scale, _, _, _ = _scalars(head_dim, sm_scale, softcap)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for a, b in _sequences(cu_seqlens):
+        n = b - a
+        qs = q[a:b].transpose(0, 1).float()
+        ks = k[a:b].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        vs = v[a:b].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        dos = do[a:b].transpose(0, 1).float()
+        raw, scores = _reference_scores(qs, ks, scale, causal, window, softcap)
+        p = torch.softmax(scores, dim=-1)
+        o = torch.matmul(p, vs)
+        dvs = torch.matmul(p.transpose(-1, -2), dos)
+        dp = torch.matmul(dos, vs.transpose(-1, -2))
+        ds = p * (dp - (dos * o).sum(-1, keepdim=True))
+        if softcap is not None:
+            ds = ds * (1.0 - torch.tanh(raw / softcap) ** 2)
+        dqs = torch.matmul(ds, ks) * scale
+        dks = torch.matmul(ds.transpose(-1, -2), qs) * scale
+        dq[a:b] = dqs.transpose(0, 1).to(q.dtype)
+        dk[a:b] = dks.reshape(kv_heads, group, n, head_dim).sum(1).transpose(0, 1).to(k.dtype)
+        dv[a:b] = dvs.reshape(kv_heads, group, n, head_dim).sum(1).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
+
+
 if torch is not None:
 
-    class _VarlenAttentionFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap):
-            q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-            out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap)
-            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-            ctx.args = (max_seqlen, sm_scale, causal, window, softcap)
-            return out
+    @torch.library.custom_op("unsloth_patch::varlen_attention", mutates_args=())
+    def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int, sm_scale: Optional[float], causal: bool, window: Optional[int],
+                      softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _guard.run(KERNEL, _forward, _forward_reference,
+                          q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap)
 
-        @staticmethod
-        def backward(ctx, do):
-            q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-            dq, dk, dv = _backward(do, q, k, v, out, lse, cu_seqlens, *ctx.args)
-            return dq, dk, dv, None, None, None, None, None, None
+    @_attention_op.register_fake
+    def _(q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap):
+        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    @torch.library.custom_op("unsloth_patch::varlen_attention_backward", mutates_args=())
+    def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                               sm_scale: Optional[float], causal: bool, window: Optional[int],
+                               softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _guard.run(KERNEL, _backward, _backward_reference,
+                          do, q, k, v, out, lse, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap)
+
+    @_attention_backward_op.register_fake
+    def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+        ctx.args = (max_seqlen, sm_scale, causal, window, softcap)
+
+    def _attention_grad(ctx, do, _dlse):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _attention_backward_op(_last_dim_contiguous(do), q, k, v, out, lse, cu_seqlens, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, causal=True,
@@ -666,5 +760,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, cau
         window = None  # the window covers every sequence: plain causal is the same mask, and cheaper
     window = None if window is None else int(window)
     softcap = None if softcap is None else float(softcap)
-    return _VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, bool(causal),
-                                          window, softcap)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    out, _ = _attention_op(q, k, v, cu_seqlens, max_seqlen,
+                           None if softmax_scale is None else float(softmax_scale), bool(causal), window, softcap)
+    return out

@@ -1,0 +1,122 @@
+"""The kernels as ``torch.library`` custom ops: opcheck, torch.compile, and a failing launch.
+
+A Triton launch that raises (forward or backward) makes the op compute the same maths in
+PyTorch for the rest of the run, with one warning. Runs under the Triton interpreter on a CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from unsloth_patch import fallback  # noqa: E402
+from unsloth_patch import log as plugin_log_module  # noqa: E402
+from unsloth_patch.kernels import rmsnorm, swiglu  # noqa: E402
+
+from .helpers import plugin_log  # noqa: E402
+
+va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
+pytestmark = pytest.mark.kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float32
+
+
+def _leaf(*shape, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(DEVICE, DTYPE).requires_grad_()
+
+
+def _attention_inputs():
+    lengths = (5, 17, 1, 9)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    total = sum(lengths)
+    return _leaf(total, 4, 64, seed=1), _leaf(total, 2, 64, seed=2), _leaf(total, 2, 64, seed=3), cu, max(lengths)
+
+
+def attention(q, k, v, cu, longest):
+    return va.varlen_attention(q, k, v, cu, longest, window=7, softcap=20.0)
+
+
+def norm(x, w):
+    return rmsnorm.rms_norm(x, w, 1e-6, 0.0)
+
+
+def gated(g, u):
+    return swiglu.gated_activation(g, u, "silu")
+
+
+CASES = {
+    "attention": (attention, _attention_inputs, va),
+    "rmsnorm": (norm, lambda: (_leaf(9, 96, seed=4), _leaf(96, seed=5)), rmsnorm),
+    "gated": (gated, lambda: (_leaf(7, 130, seed=6), _leaf(7, 130, seed=7)), swiglu),
+}
+
+
+def _run(function, inputs):
+    out = function(*inputs)
+    out.backward(torch.ones_like(out) * 0.5)
+    return out.detach(), [t.grad.clone() for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    fallback.reset()
+    plugin_log_module.forget()
+    yield
+    fallback.reset()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_failing_launch_falls_back_to_the_reference_once_warned(name, where, monkeypatch, caplog):
+    function, make, module = CASES[name]
+    expected = _run(function, make())
+
+    def injected(*args, **kwargs):
+        raise RuntimeError("injected launch failure")
+
+    target = {"forward": "_forward_triton", "backward": "_backward_triton"}[where]
+    if module is va:
+        target = target.replace("_triton", "")
+    monkeypatch.setattr(module, target, injected)
+    with plugin_log(caplog, logging.WARNING):
+        got = _run(function, make())
+        again = _run(function, make())  # later calls: the reference, without a second warning
+    assert (got[0] - expected[0]).abs().max() <= 1e-4
+    for a, b in zip(got[1] + again[1], expected[1] + expected[1]):
+        assert (a - b).abs().max() <= 1e-4
+    said = [r.getMessage() for r in caplog.records if "injected launch failure" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(module.KERNEL) and "plain PyTorch" in said[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ops_pass_torch_library_opcheck(name):
+    function, make, module = CASES[name]
+    inputs = make()
+    ops = {"attention": (torch.ops.unsloth_patch.varlen_attention,
+                         lambda q, k, v, cu, n: (q, k, v, cu, n, None, True, 7, 20.0)),
+           "rmsnorm": (torch.ops.unsloth_patch.rms_norm, lambda x, w: (x, w, 1e-6, 0.0)),
+           "gated": (torch.ops.unsloth_patch.gated_activation, lambda g, u: (g, u, False))}
+    op, arguments = ops[name]
+    torch.library.opcheck(op, arguments(*inputs), test_utils=("test_schema", "test_autograd_registration",
+                                                              "test_faketensor"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiled_calls_match_eager(name):
+    function, make, _ = CASES[name]
+    expected = _run(function, make())
+    torch._dynamo.reset()
+    got = _run(torch.compile(function, fullgraph=True), make())
+    assert (got[0] - expected[0]).abs().max() <= 1e-5
+    for a, b in zip(got[1], expected[1]):
+        assert (a - b).abs().max() <= 1e-5

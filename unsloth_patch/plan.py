@@ -45,6 +45,9 @@ class TrainerFacts:
     attention_blocker: Optional[str] = None  # why unsloth_varlen cannot reproduce this model's attention
     prompt_learning: Optional[str] = None  # PEFT adapter type that adds virtual tokens inside the forward
     slow_attention: Optional[str] = None  # why no varlen kernel beats the padded path on the training device
+    packer: Optional[str] = None  # who packs, from packing_mode() before TRL's init: "trl", "ours" or None
+    packing_wrapped: bool = False  # the user chose packing_strategy="wrapped" (rows attend across examples)
+    packing_positions: bool = True  # TRL's packed batches carry position_ids (transformers can isolate them)
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Plan:
     boundaries_only: bool = False  # TRL packing: keep its batches, add cu_seq_lens
     attention: Optional[str] = None  # implementation to switch the model to, None = leave
     attention_reason: str = ""
+    packer: Optional[str] = None  # who packs the rows, when packing is on
+    packing_efficiency: Optional[float] = None  # real tokens / row capacity of the packed training data
     notes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -119,16 +124,41 @@ def _slow_here(facts: TrainerFacts) -> bool:
     return bool(facts.slow_attention) and not any(impl.startswith(f) for f in FLASH_IMPLEMENTATIONS)
 
 
+OUR_PACKER = "unsloth_patch best-fit-decreasing"
+
+
+def packing_mode(settings: Settings, requested: bool, boundary_packer: bool) -> Optional[str]:
+    """Before TRL builds the trainer: who packs — ``"trl"``, ``"ours"`` or None (no packing).
+
+    Packing is never turned on silently: only ``packing=True`` or ``UNSLOTH_PATCH_PACKING=on`` ask
+    for it. Where TRL packs with example boundaries (0.19+) it packs; where it can only concatenate
+    examples into one stream (before 0.19), our packer does, unless batching is left untouched.
+    """
+    if not (requested or settings.packing == "on"):
+        return None
+    if boundary_packer or settings.padding_free == "off":
+        return "trl"
+    return "ours"
+
+
 def decide(settings: Settings, facts: TrainerFacts) -> Plan:
     """Decide the plan; raise ``UnslothPatchError`` when a toggle forces the impossible."""
     plan = Plan()
+    if facts.packer == "ours":
+        return _our_packing(settings, facts, plan)
+    if facts.packing and facts.packing_wrapped:
+        plan.padding_free_reason = ("packing_strategy='wrapped' kept as chosen: its rows concatenate examples, "
+                                    "which attend to each other")
+        return plan
     if facts.packing:
         if facts.packing_padding_free and settings.padding_free == "auto" and _slow_here(facts) \
-                and facts.packed_mask_detection:
+                and facts.packed_mask_detection and facts.packing_positions:
+            plan.packer = "TRL"
             plan.padding_free_reason = (f"TRL packing left as it is: {facts.slow_attention}, and transformers "
                                         "already isolates packed sequences")
         elif facts.packing_padding_free and settings.padding_free != "off" and not facts.prompt_learning:
             plan.boundaries_only = True
+            plan.packer = "TRL"
             plan.padding_free_reason = "TRL packing builds padding-free rows; boundary metadata added"
             blocker = padding_free_blocker(facts, settings)
             if blocker is None:
@@ -157,6 +187,23 @@ def decide(settings: Settings, facts: TrainerFacts) -> Plan:
     plan.padding_free = True
     plan.padding_free_reason = ("padding_free=True was passed; batches flattened after TRL's truncation"
                                 if facts.padding_free_explicit else "safe for this model and data")
+    plan.attention, plan.attention_reason = _attention(settings, facts)
+    return plan
+
+
+def _our_packing(settings: Settings, facts: TrainerFacts, plan: Plan) -> Plan:
+    blocker = padding_free_blocker(facts, settings)
+    if blocker is not None:
+        if settings.padding_free == "on":
+            raise UnslothPatchError(f"UNSLOTH_PATCH_PADDING_FREE=on, but packing without crossing examples is "
+                                    f"impossible here: {blocker}.")
+        plan.padding_free_reason = (f"packing requested, but {blocker}: examples are batched unpacked and padded "
+                                    "(this TRL's own packing would let examples attend to each other)")
+        return plan
+    plan.padding_free = True
+    plan.packer = OUR_PACKER
+    plan.padding_free_reason = ("packing requested; this TRL packs by concatenating examples, so rows are packed "
+                                "whole-example by our best-fit-decreasing packer, each example its own sequence")
     plan.attention, plan.attention_reason = _attention(settings, facts)
     return plan
 

@@ -91,6 +91,9 @@ TOGGLES: tuple[Toggle, ...] = (
     Toggle("ATTENTION", "auto", _choice("auto", "triton", "torch", "off"),
            "Attention for padding-free batches: auto picks Triton on supported GPUs, then torch varlen_attn, "
            "then a boundary-correct masked path."),
+    Toggle("PACKING", "off", _choice("off", "on"),
+           "Sample packing: off = as the config says (packing=True still packs), on = pack even where "
+           "packing=False; packing is always boundary-aware (examples never attend to each other)."),
     Toggle("EMBEDDING_LR", None, _positive_number("5e-5"),
            "Learning rate for the input/output embeddings (lowest precedence after the config field)."),
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
@@ -111,6 +114,7 @@ class Settings:
     disable: bool = False
     padding_free: str = "auto"
     attention: str = "auto"
+    packing: str = "off"
     embedding_lr: Optional[float] = None
     kernels: str = "auto"
     compat: str = "auto"

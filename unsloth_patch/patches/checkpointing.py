@@ -18,6 +18,7 @@ from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
 from .config_fields import was_explicit
+from .trainer_facts import base_model
 from .training_edits import train_collator
 
 _ATTRIBUTE = "_unsloth_patch_checkpointing"
@@ -78,11 +79,6 @@ def _model(trainer):
     return trainer.model
 
 
-def _base(model):
-    getter = getattr(model, "get_base_model", None)
-    return getter() if callable(getter) else model
-
-
 def blocker(trainer, settings):
     """Config-level reasons (the same on every rank) to keep TRL's checkpointing without a probe."""
     args = trainer.args
@@ -92,7 +88,7 @@ def blocker(trainer, settings):
         return "model_init builds the model inside train()"
     if getattr(args, "auto_find_batch_size", False):
         return "auto_find_batch_size changes the batch size during train()"
-    if getattr(_base(_model(trainer)), "supports_gradient_checkpointing", True) is False:
+    if getattr(base_model(_model(trainer)), "supports_gradient_checkpointing", True) is False:
         return "the model does not support gradient checkpointing"
     return None
 
@@ -264,6 +260,6 @@ def _input_grads_for_reentrant(trainer) -> None:
     reentrant = kwargs.get("use_reentrant", True) if not kwargs or "use_reentrant" in kwargs else True
     if not (checkpointing_on(args) and reentrant and hasattr(model, "peft_config")):
         return
-    base = _base(model)
+    base = base_model(model)
     if getattr(base, "_require_grads_hook", None) is None and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()

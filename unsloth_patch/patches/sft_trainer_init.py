@@ -9,23 +9,19 @@ prediction and ``generate()`` outside training see the model as the user gave it
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 
-import copy
-
-from .. import log, plan as planning, registry
+from .. import log, packing, plan as planning, registry
 from ..attention.dispatch import COMPONENT as ATTENTION_COMPONENT
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..errors import UnslothPatchError
 from ..settings import current
 from . import training_edits
-from .config_fields import carry_explicit, was_explicit
-
-VISION_COLUMNS = ("image", "images", "video", "videos", "pixel_values")
-PACKING_PADDING_FREE = ("bfd", "bfd_split", "ffd")
-
+from .config_fields import carry_explicit, mark_explicit, was_explicit
+from .trainer_facts import base_model as _base_model, boundary_packer, gather_facts
 
 def handle_sft_trainer_init(proceed, instance, args, kwargs):
     settings = current()
@@ -34,22 +30,32 @@ def handle_sft_trainer_init(proceed, instance, args, kwargs):
         return proceed(*args, **kwargs)
     config = bound.get("args")
     explicit_padding_free = _explicit_padding_free(config)
-    packing = bool(getattr(config, "packing", False))
+    packer = _packer(config, settings)
+    packing = packer is not None
     before = Edits()
     if explicit_padding_free and not packing and hasattr(config, "padding_free") and settings.padding_free != "off":
         # TRL's own padding-free skips truncation (or refuses max_length); we flatten after TRL's
         # padded-path truncation instead, so every example is cut exactly as in the padded run.
         before.setattr(config, "padding_free", False)
+    if packer == "trl" and not config.packing:  # UNSLOTH_PATCH_PACKING=on: as if packing=True was passed
+        config.packing = True
+        mark_explicit(config, {"packing"})
+    if packer == "ours":
+        # TRL prepares the examples one by one (tokenised, truncated, masked as for the padded run);
+        # they are packed into rows afterwards, whole, each its own sequence.
+        before.setattr(config, "packing", False)
     try:
         result = proceed(*args, **kwargs)
     finally:
         before.rollback()
     trainer = instance
+    if packer == "ours" and not trainer.args.packing:
+        trainer.args.packing = True  # UNSLOTH_PATCH_PACKING=on: the trainer trains on packed rows
     converted = getattr(trainer, "args", config)
     if config is not None and type(converted) is not type(config) and isinstance(converted, type(config)):
         carry_explicit(config, converted)  # TRL turned a TrainingArguments into its SFTConfig
     try:
-        facts = gather_facts(trainer, bound, explicit_padding_free, settings)
+        facts = gather_facts(trainer, bound, explicit_padding_free, settings, packer)
         plan = planning.decide(settings, facts)
         prepare(trainer, plan, settings)
     except UnslothPatchError:
@@ -79,6 +85,15 @@ def _bind(instance, args, kwargs):
         return None
 
 
+def _packer(config, settings):
+    """Who packs this trainer's rows ("trl", "ours") or None, decided before TRL's init."""
+    if config is None or not hasattr(config, "packing"):
+        return None
+    from trl import SFTConfig
+
+    return planning.packing_mode(settings, bool(config.packing), boundary_packer(SFTConfig))
+
+
 def _explicit_padding_free(config):
     if config is None or not hasattr(config, "padding_free"):
         return None
@@ -88,146 +103,6 @@ def _explicit_padding_free(config):
     return bool(config.padding_free) if explicit else None
 
 
-def gather_facts(trainer, bound, explicit_padding_free, settings=None) -> planning.TrainerFacts:
-    settings = settings or current()
-    config = trainer.args
-    model = _base_model(trainer.model)
-    model_config = getattr(model, "config", None)
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    user_collator = bound.get("data_collator")
-    packing = bool(getattr(config, "packing", False))
-    strategy = getattr(config, "packing_strategy", None)
-    return planning.TrainerFacts(
-        user_collator=type(user_collator).__name__ if user_collator is not None else None,
-        user_collator_flattenable=_flattenable(user_collator),
-        vision=_vision(trainer, bound),
-        encoder_decoder=bool(getattr(model_config, "is_encoder_decoder", False)),
-        model_type=str(getattr(model_config, "model_type", "")),
-        layer_types=tuple(getattr(text_config, "layer_types", None) or ()),
-        packing=packing,
-        packing_padding_free=packing and strategy in PACKING_PADDING_FREE,
-        padding_free_explicit=explicit_padding_free,
-        attn_implementation=getattr(model_config, "_attn_implementation", None),
-        attention_interface="attention_interface" in registry.applied_names(),
-        legacy_attention_blocker=_legacy_blocker(model),
-        packed_mask_detection=_has_packed_mask_detection(),
-        attention_blocker=_attention_blocker(model),
-        prompt_learning=_prompt_learning(trainer.model),
-        slow_attention=_slow_attention(trainer, model, text_config, settings.attention),
-    )
-
-
-def _attention_blocker(model):
-    if "attention_interface" not in registry.applied_names():
-        return None  # the < 4.51 path moves whole attention classes; legacy.blocker decides there
-    from ..attention.capability import varlen_blocker
-
-    return varlen_blocker(model)
-
-
-def _prompt_learning(model):
-    """The PEFT prompt-learning type of an active adapter (virtual tokens, prefixes), or None."""
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict):
-        return None
-    active = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", None)]
-    if callable(active):
-        active = active()
-    for name in active if isinstance(active, (list, tuple)) else [active]:
-        config = configs.get(name)
-        if config is not None and getattr(config, "is_prompt_learning", False):
-            return str(getattr(getattr(config, "peft_type", None), "value", None) or type(config).__name__).lower()
-    return None
-
-
-def _compute_dtype(trainer, model):
-    import torch
-
-    if getattr(trainer.args, "bf16", False):
-        return torch.bfloat16
-    if getattr(trainer.args, "fp16", False):
-        return torch.float16
-    parameter = next(iter(model.parameters()), None)
-    return parameter.dtype if parameter is not None else torch.float32
-
-
-def _slow_attention(trainer, model, text_config, preference: str):
-    """Why no varlen kernel beats the padded path on the training device, or None (rule: never slower)."""
-    import torch
-
-    from ..attention import backends
-
-    device = torch.device(getattr(trainer.args, "device", "cpu"))
-    head_dim = getattr(text_config, "head_dim", None)
-    if not head_dim:
-        hidden, heads = getattr(text_config, "hidden_size", None), getattr(text_config, "num_attention_heads", None)
-        if not (isinstance(hidden, int) and isinstance(heads, int) and heads):
-            return None  # not an attention model: the blockers say why
-        head_dim = hidden // heads
-    window = getattr(text_config, "sliding_window", None)
-    softcap = getattr(text_config, "attn_logit_softcapping", None)
-    dtype = _compute_dtype(trainer, model)
-    # a forced backend that cannot run here is a clear error now, not in the first forward
-    if backends.choose(preference, device, dtype, int(head_dim), window, softcap) != "masked":
-        return None
-    return (f"no varlen attention kernel here ({device.type}, {str(dtype).replace('torch.', '')}, head dim "
-            f"{head_dim}) is faster than the padded path")
-
-
-def _legacy_blocker(model):
-    if "attention_interface" in registry.applied_names():
-        return "not needed"
-    from ..attention import legacy
-
-    return legacy.blocker(model)
-
-
-def _base_model(model):
-    getter = getattr(model, "get_base_model", None)
-    return getter() if callable(getter) else model
-
-
-def _flattenable(collator) -> bool:
-    """TRL's and transformers' causal-LM collators pad with an attention mask: safe to flatten."""
-    if collator is None:
-        return False
-    kind = type(collator)
-    if kind.__name__ in ("DataCollatorForCompletionOnlyLM", "DataCollatorWithFlattening"):
-        return True
-    if kind.__name__ == "DataCollatorForLanguageModeling":
-        return not getattr(collator, "mlm", False)
-    return False
-
-
-def _vision(trainer, bound):
-    processor = bound.get("processing_class") or bound.get("tokenizer")
-    try:
-        from transformers import ProcessorMixin
-
-        if isinstance(processor, ProcessorMixin):
-            return f"multimodal processing_class ({type(processor).__name__})"
-    except ImportError:
-        pass
-    if getattr(trainer, "_is_vision_dataset", False):
-        return "vision dataset"
-    dataset = bound.get("train_dataset")
-    columns = getattr(dataset, "column_names", None)
-    if isinstance(columns, dict):  # DatasetDict
-        columns = [c for cols in columns.values() for c in cols]
-    found = [c for c in (columns or ()) if c in VISION_COLUMNS]
-    if found:
-        return f"image/video columns in the dataset ({', '.join(found)})"
-    return None
-
-
-def _has_packed_mask_detection() -> bool:
-    try:
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def prepare(trainer, plan: planning.Plan, settings) -> None:
     """Build what the plan needs for training; the trainer and the model stay as TRL made them.
 
@@ -235,6 +110,8 @@ def prepare(trainer, plan: planning.Plan, settings) -> None:
     TRL's batches, so predictions and metrics are shaped as stock); the model's edits (attention,
     fused layers) are applied for the duration of ``train()`` by ``training_edits``.
     """
+    if plan.packer == "TRL":
+        plan.packing_efficiency = _trl_packing_efficiency(trainer)
     if not (plan.padding_free or plan.boundaries_only):
         return
     collator = trainer.data_collator
@@ -247,12 +124,51 @@ def prepare(trainer, plan: planning.Plan, settings) -> None:
     train_collator = PaddingFreeCollator(inner, _counts_first_labels(trainer), boundaries=_forward_takes_boundaries(model),
                                          needs=(training_edits.COMPONENT,) + ((ATTENTION_COMPONENT,) if plan.attention
                                                                               else ()))
-    training_edits.install_collator(trainer, collator, train_collator)
+    rows = None
+    if plan.packer == planning.OUR_PACKER:
+        rows, plan.packing_efficiency = _pack(trainer)
+        train_collator = packing.RowCollator(train_collator)
+    training_edits.install_collator(trainer, collator, train_collator, rows)
     if plan.padding_free and plan.padding_free_reason.startswith("padding_free=True") and \
             hasattr(trainer, "padding_free"):
         object.__setattr__(trainer, "padding_free", True)  # the trainer says what its batches are
     if plan.padding_free:
         _log_truncation(trainer)
+
+
+def _max_length(args):
+    return getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
+
+
+def _lengths(dataset):
+    column = dataset.data.column("input_ids")
+    import pyarrow.compute as pc
+
+    return [int(n) for n in pc.list_value_length(column).to_pylist()]
+
+
+def _pack(trainer):
+    """The training examples in rows of at most ``max_length`` tokens (best-fit decreasing)."""
+    examples = trainer.train_dataset
+    lengths = _lengths(examples)
+    capacity = int(_max_length(trainer.args) or max(lengths))
+    rows = packing.best_fit_decreasing(lengths, capacity)
+    if getattr(trainer.args, "remove_unused_columns", True):
+        examples = trainer._remove_unused_columns(examples, description="training")
+    packed = packing.PackedRows(examples, rows, capacity)
+    efficiency = packed.efficiency(lengths)
+    log.logger.info("packing: %d examples in %d rows of %d tokens (%.1f%% filled) by %s",
+                    sum(len(r) for r in rows), len(rows), capacity, 100 * efficiency, planning.OUR_PACKER)
+    return packed, efficiency
+
+
+def _trl_packing_efficiency(trainer):
+    try:
+        lengths = _lengths(trainer.train_dataset)
+        capacity = int(_max_length(trainer.args) or max(lengths))
+        return sum(lengths) / (len(lengths) * capacity)
+    except Exception:
+        return None
 
 
 def _forward_takes_boundaries(model) -> bool:

@@ -20,6 +20,7 @@ import logging
 from .. import fallback, log
 from ..edits import Edits
 from ..settings import current
+from .trainer_facts import base_model
 
 PLAN_ATTRIBUTE = "_unsloth_patch_plan"
 COLLATOR_ATTRIBUTE = "_unsloth_patch_train_collator"
@@ -39,9 +40,10 @@ def plan_of(trainer):
     return getattr(trainer, PLAN_ATTRIBUTE, None)
 
 
-def install_collator(trainer, wrapped, train_collator) -> None:
-    """Serve ``train_collator`` to the training dataloader while the trainer's collator is ``wrapped``."""
-    _set(trainer, COLLATOR_ATTRIBUTE, (wrapped, train_collator))
+def install_collator(trainer, wrapped, train_collator, rows=None) -> None:
+    """Serve ``train_collator`` (and the packed ``rows``, if any) to the training dataloader while
+    the trainer's collator is ``wrapped``."""
+    _set(trainer, COLLATOR_ATTRIBUTE, (wrapped, train_collator, rows, trainer.train_dataset))
 
 
 def uninstall_collator(trainer) -> None:
@@ -56,16 +58,28 @@ def train_collator(trainer):
     return trainer.data_collator
 
 
+def train_rows(trainer):
+    """The packed training rows our packer made, while the trainer's dataset is still the one packed."""
+    entry = getattr(trainer, COLLATOR_ATTRIBUTE, None)
+    if entry is not None and trainer.data_collator is entry[0] and entry[2] is not None \
+            and trainer.train_dataset is entry[3]:
+        return entry[2]
+    return None
+
+
 def handle_get_train_dataloader(proceed, trainer, args, kwargs):
     collator = train_collator(trainer)
     if collator is trainer.data_collator:  # no plan, or the user replaced the collator since
         return proceed(*args, **kwargs)
-    own = trainer.data_collator
+    rows = train_rows(trainer)
+    own, dataset = trainer.data_collator, trainer.train_dataset
     trainer.data_collator = collator
+    if rows is not None:
+        trainer.train_dataset = rows
     try:
         return proceed(*args, **kwargs)
     finally:
-        trainer.data_collator = own
+        trainer.data_collator, trainer.train_dataset = own, dataset
 
 
 def handle_train(proceed, trainer, args, kwargs):
@@ -120,11 +134,6 @@ def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
             legacy.switch(model, edits)
         else:
             set_attention(model, plan.attention, edits)
-
-
-def base_model(model):
-    getter = getattr(model, "get_base_model", None)
-    return getter() if callable(getter) else model
 
 
 def set_attention(model, name: str, edits: Edits) -> None:

@@ -1,0 +1,176 @@
+"""Sample packing on request, on every TRL: whole examples in rows, none attending to another.
+
+Where TRL packs with boundaries (0.19+) its packer runs and gets ``cu_seq_lens``; where it only
+concatenates examples (before 0.19) ours packs them best-fit-decreasing. Either way every example
+of the dataset is trained once per epoch, as its own sequence, with the labels of the unpacked run.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import pytest
+import torch
+
+import unsloth_patch
+from unsloth_patch import packing, plan as planning
+from unsloth_patch.collate import LABEL_OFFSET_KEY, boundaries_from_lengths, lengths_from_position_ids
+from unsloth_patch.patches.trainer_facts import boundary_packer
+from unsloth_patch.tiny import build_model, build_tokenizer
+
+from .helpers import (config_fields, during_training, losses, plugin_log, sft_config, sft_trainer, text_dataset,
+                      use_settings)  # noqa: F401
+
+IGNORE = -100
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer):
+    return text_dataset(tokenizer, limit=40)
+
+
+def _model(tokenizer):
+    return build_model("llama", vocab_size=len(tokenizer), seed=0)
+
+
+def _trl_packer():
+    from trl import SFTConfig
+
+    return boundary_packer(SFTConfig)
+
+
+def _trainer(tokenizer, dataset, tmp_path, **config):
+    values = dict(max_length=MAX_LENGTH, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4)
+    values.update(config)
+    return sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, **values))
+
+
+def _unpacked_examples(tokenizer, dataset, tmp_path):
+    """(input_ids, labels) of every example as the stock, unpacked run trains it."""
+    unsloth_patch.remove()
+    try:
+        trainer = _trainer(tokenizer, dataset, tmp_path / "unpacked", packing=False)
+        rows = []
+        for batch in trainer.get_train_dataloader():
+            for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+                keep = mask.bool()
+                rows.append((tuple(ids[keep].tolist()), tuple(labels[keep].tolist())))
+        return rows
+    finally:
+        unsloth_patch.apply()
+
+
+def _segments(batch):
+    if "cu_seq_lens_q" in batch:
+        cu = batch["cu_seq_lens_q"].tolist()
+    else:
+        cu = boundaries_from_lengths(lengths_from_position_ids(batch["position_ids"]))["cu_seq_lens_q"].tolist()
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    return [(tuple(ids[a:b].tolist()), tuple(labels[a:b].tolist()), a, b) for a, b in zip(cu, cu[1:])]
+
+
+def _epoch(trainer):
+    batches = []
+    for batch in trainer.get_train_dataloader():
+        batch.pop(LABEL_OFFSET_KEY, None)
+        batches.append(batch)
+    return batches
+
+
+def test_every_example_is_trained_once_per_epoch_as_its_own_sequence(tokenizer, dataset, tmp_path):
+    trainer = _trainer(tokenizer, dataset, tmp_path / "packed", packing=True)
+    plan = unsloth_patch.last_plan()
+    assert plan.packer == ("TRL" if _trl_packer() else planning.OUR_PACKER)
+    assert 0 < plan.packing_efficiency <= 1
+    expected = collections.Counter(ids for ids, _ in _unpacked_examples(tokenizer, dataset, tmp_path))
+    labels_of = dict(_unpacked_examples(tokenizer, dataset, tmp_path))
+    seen = collections.Counter()
+    for batch in _epoch(trainer):
+        assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+        for ids, labels, start, end in _segments(batch):
+            assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
+            assert labels[0] == IGNORE and labels[1:] == labels_of[ids][1:]  # the unpacked run's labels
+            seen[ids] += 1
+    assert seen == expected  # every token of the dataset (after truncation), exactly once
+    assert sum(len(ids) * n for ids, n in seen.items()) == sum(len(ids) * n for ids, n in expected.items())
+
+
+def test_each_example_in_a_packed_row_gives_its_own_logits_and_loss(tokenizer, dataset, tmp_path):
+    trainer = _trainer(tokenizer, dataset, tmp_path, packing=True)
+    batch = _epoch(trainer)[0]
+    segments = _segments(batch)
+    assert len(segments) >= 3  # really packed: several examples in the step's rows
+    model = trainer.model.eval()
+    with torch.no_grad():
+        with during_training(trainer):
+            out = model(**batch)
+            flat_logits = out.logits[0]
+        counted = int((batch["labels"][0, 1:] != IGNORE).sum())
+        packed_sum = float(out.loss) * counted
+        own_sum = 0.0
+        for ids, labels, start, end in segments:
+            own = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            assert (flat_logits[start:end] - own.logits[0]).abs().max().item() <= 1e-5
+            n = sum(label != IGNORE for label in labels[1:])
+            own_sum += float(own.loss) * n if n else 0.0
+    assert abs(packed_sum - own_sum) <= 1e-5 * abs(own_sum)
+
+
+def test_packing_on_toggle_packs_a_config_that_says_no(tokenizer, dataset, tmp_path, use_settings):
+    use_settings(packing="on")
+    trainer = _trainer(tokenizer, dataset, tmp_path, packing=False)
+    assert unsloth_patch.last_plan().packer is not None and trainer.args.packing is True
+    assert len(_epoch(trainer)) < len(dataset) / 2  # fewer steps than unpacked batches of 2
+
+
+def test_packing_off_by_default_changes_no_step_count(tokenizer, dataset, tmp_path, use_settings):
+    use_settings(padding_free="on")
+    trainer = _trainer(tokenizer, dataset, tmp_path, packing=False)
+    assert unsloth_patch.last_plan().packer is None
+    assert len(_epoch(trainer)) == len(dataset) // 2  # one step per batch of two examples, as stock
+
+
+def test_gradient_accumulation_trains_the_same_tokens_per_optimizer_step(tokenizer, dataset, tmp_path):
+    one = _trainer(tokenizer, dataset, tmp_path / "a", packing=True, per_device_train_batch_size=4,
+                   gradient_accumulation_steps=1, max_steps=2)
+    one.train()
+    two = _trainer(tokenizer, dataset, tmp_path / "b", packing=True, per_device_train_batch_size=2,
+                   gradient_accumulation_steps=2, max_steps=2)
+    two.train()
+    for a, b in zip(losses(one), losses(two)):
+        assert abs(a - b) <= 1e-4 * abs(a), (losses(one), losses(two))
+
+
+@pytest.mark.skipif(not _trl_packer(), reason="this TRL has no packing_strategy to choose 'wrapped' with")
+def test_an_explicit_wrapped_strategy_is_respected_with_a_warning(tokenizer, dataset, tmp_path, caplog):
+    with plugin_log(caplog, logging.INFO):
+        trainer = _trainer(tokenizer, dataset, tmp_path, packing=True, packing_strategy="wrapped")
+    plan = unsloth_patch.last_plan()
+    assert plan.packer is None and "wrapped" in plan.padding_free_reason and "attend" in plan.padding_free_reason
+    assert trainer.args.packing_strategy == "wrapped"
+
+
+def test_best_fit_decreasing_fills_rows_deterministically():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 65, (300,), generator=generator).tolist()
+    rows = packing.best_fit_decreasing(lengths, 64)
+    assert rows == packing.best_fit_decreasing(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(300))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    lower_bound = -(-sum(lengths) // 64)
+    assert len(rows) <= lower_bound * 1.1 + 1  # near-full rows
+    assert packing.best_fit_decreasing([5, 0, 3], 8) == [[0, 2]]  # an empty example has nothing to train
+    with pytest.raises(ValueError, match="more than the row length"):
+        packing.best_fit_decreasing([9], 8)
+
+
+def test_best_fit_picks_the_fullest_row_that_fits():
+    # rows after the first three: [6] (2 free), [5] (3 free), [4] (4 free); a 2 goes to the 6-row
+    assert packing.best_fit_decreasing([6, 5, 4, 2], 8) == [[0, 3], [1], [2]]

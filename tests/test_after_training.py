@@ -51,7 +51,7 @@ def _generate(model, tokenizer, prompts, use_cache):
         batch = tokenizer(prompts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = "right"
-    batch = {k: v.to(model.device) for k, v in batch.items()}
+    batch = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         return model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=use_cache,
                               pad_token_id=tokenizer.pad_token_id).tolist()
@@ -68,12 +68,11 @@ def test_generate_after_training_gives_the_stock_models_tokens(prompts, use_cach
     trainer = sft_trainer(model, tokenizer, dataset, sft_config(tmp_path, max_length=64, max_steps=3))
     assert isinstance(train_collator(trainer), PaddingFreeCollator)
     implementation = model.config._attn_implementation
-    own_forwards = {name: vars(m)["forward"] for name, m in model.named_modules() if "forward" in vars(m)}
     trainer.train()
     assert model.config._attn_implementation == implementation
-    # no instance edit of ours outlives train() (TRL's own wrapper of the top-level forward may stay)
-    after = {name: vars(m)["forward"] for name, m in model.named_modules() if "forward" in vars(m)}
-    assert after.keys() == own_forwards.keys() and not any(is_fused(m) for m in model.modules())
+    # no instance edit of ours outlives train() (TRL's or accelerate's wrapper of the top-level forward may)
+    assert not [name for name, m in model.named_modules() if name and "forward" in vars(m)]
+    assert not any(is_fused(m) for m in model.modules())
     model.eval()
     assert _generate(model, tokenizer, prompts, use_cache) == \
         _generate(_stock_copy(tokenizer, model), tokenizer, prompts, use_cache)

@@ -156,7 +156,15 @@ def test_prompt_learning_keeps_padded_batches_and_trains_as_stock(kind, tokenize
                                       **_no_checkpointing()),  # stock prefix tuning fails under checkpointing
                            peft_config=_prompt_config(kind))
 
-    stock, ours, plan = _stock_and_ours(make)
+    try:
+        stock, ours, plan = _stock_and_ours(make)
+    except RuntimeError as stock_error:  # some TRL releases cannot train this adapter at all (0.19: 4 virtual
+        unsloth_patch.apply()            # tokens make its accuracy metric mismatch): then fail exactly as stock
+        with pytest.raises(RuntimeError) as ours_error:
+            make("ours").train()
+        assert str(ours_error.value) == str(stock_error)
+        assert "virtual tokens" in unsloth_patch.last_plan().padding_free_reason
+        return
     assert not plan.padding_free and "virtual tokens" in plan.padding_free_reason
     _same_losses(stock, ours)
 

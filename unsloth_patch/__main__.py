@@ -29,6 +29,47 @@ def _gpu() -> str:
     return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor}"
 
 
+def _here() -> list[str]:
+    """What ``auto`` does on this machine with this TRL: the never-slower rule and the packer."""
+    lines = []
+    try:
+        import torch
+
+        from .attention import backends
+
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        backend = backends.choose("auto", device, torch.bfloat16, 128)
+        if backend == "masked":
+            lines.append(f"padding-free under auto: padded batches kept on {device.type} (no varlen attention "
+                         "kernel here beats them; UNSLOTH_PATCH_PADDING_FREE=on flattens anyway)")
+        else:
+            lines.append(f"padding-free under auto: flattened batches on {device} ({backend} varlen attention)")
+    except Exception as exc:
+        lines.append(f"padding-free under auto: unknown ({type(exc).__name__}: {exc})")
+    try:
+        from trl import SFTConfig
+
+        from .patches.trainer_facts import boundary_packer
+
+        if boundary_packer(SFTConfig):
+            lines.append("packing (packing=True or UNSLOTH_PATCH_PACKING=on): TRL's own packer, which keeps "
+                         "examples apart; boundaries added for the varlen attention")
+        else:
+            lines.append("packing (packing=True or UNSLOTH_PATCH_PACKING=on): this TRL concatenates examples, so "
+                         "unsloth_patch packs them whole instead (best-fit decreasing, each its own sequence)")
+    except Exception as exc:
+        lines.append(f"packing: unknown ({type(exc).__name__}: {exc})")
+    from .plan import last_plan
+
+    plan = last_plan()
+    if plan is not None:
+        lines.append(f"last trainer: padding-free {'on' if plan.padding_free else 'off'} ({plan.padding_free_reason})")
+        if plan.packer:
+            efficiency = "" if plan.packing_efficiency is None else f", rows {100 * plan.packing_efficiency:.1f}% full"
+            lines.append(f"last trainer: packed by {plan.packer}{efficiency}")
+    return lines
+
+
 def print_report(out=None) -> int:
     import unsloth_patch
     from . import fallback, registry
@@ -56,6 +97,10 @@ def print_report(out=None) -> int:
         status = "applied" if rec.applied else "skipped"
         write(f"  {rec.name:<22} {status:<8} {rec.reason}")
         write(f"  {'':<22} targets: {', '.join(rec.targets)}")
+    write()
+    write("here:")
+    for line in _here():
+        write(f"  {line}")
     write()
     write("fallbacks: (parts of ours switched off for the rest of the run after an error)")
     failures = fallback.failures()

@@ -165,8 +165,10 @@ def decide(settings: Settings, facts: TrainerFacts) -> Plan:
                 plan.attention, plan.attention_reason = _attention(settings, facts)
             else:
                 plan.attention_reason = f"the model keeps its own attention: {blocker}"
+        elif not facts.packing_padding_free:
+            plan.padding_free_reason = "TRL's packing (wrapped rows) left as it is: its examples attend to each other"
         else:
-            plan.padding_free_reason = "TRL packing (wrapped rows) left as it is"
+            plan.padding_free_reason = f"TRL's packing left as it is ({_why_untouched(settings, facts)})"
         return plan
     if settings.padding_free == "off":
         plan.padding_free_reason = "UNSLOTH_PATCH_PADDING_FREE=off"
@@ -189,6 +191,12 @@ def decide(settings: Settings, facts: TrainerFacts) -> Plan:
                                 if facts.padding_free_explicit else "safe for this model and data")
     plan.attention, plan.attention_reason = _attention(settings, facts)
     return plan
+
+
+def _why_untouched(settings: Settings, facts: TrainerFacts) -> str:
+    if settings.padding_free == "off":
+        return "UNSLOTH_PATCH_PADDING_FREE=off"
+    return f"PEFT {facts.prompt_learning} adds virtual tokens inside the forward"
 
 
 def _our_packing(settings: Settings, facts: TrainerFacts, plan: Plan) -> Plan:

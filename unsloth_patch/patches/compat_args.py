@@ -301,7 +301,9 @@ def translate_trainer_call(args, kwargs, shape: Shape) -> _Plan:
         config = None
 
     new_config = config
-    if config is not None and _is_plain_training_arguments(config, shape) and (moves or not _trl_converts(config)):
+    if config is not None and _is_plain_training_arguments(config, shape):
+        # converted here in any case: TRL's own conversion marks every field as passed (and TRL 0.19
+        # on transformers 5 fails on it); said only where TRL would not convert it itself
         new_config = _convert_training_arguments(config, shape, moves, plan, version,
                                                  warn=not _trl_converts(config))
     elif moves:

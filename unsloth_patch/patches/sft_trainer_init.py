@@ -69,6 +69,8 @@ def handle_sft_trainer_init(proceed, instance, args, kwargs):
                  "could not apply the padding-free plan (%s); this trainer runs unchanged", exc)
     training_edits.remember_plan(trainer, plan)
     planning.remember(plan)
+    if packer is not None and plan.packer is None and "attend" in plan.padding_free_reason:
+        log.once(("packing", plan.padding_free_reason), logging.WARNING, "packing: %s", plan.padding_free_reason)
     log.logger.info("padding-free: %s (%s)", "on" if plan.padding_free else "off", plan.padding_free_reason)
     if plan.attention or plan.attention_reason:
         log.logger.info("attention: %s", plan.attention_reason)

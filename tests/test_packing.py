@@ -46,17 +46,18 @@ def _trl_packer():
     return boundary_packer(SFTConfig)
 
 
-def _trainer(tokenizer, dataset, tmp_path, **config):
+def _trainer(tokenizer, dataset, tmp_path, model=None, data_collator=None, **config):
     values = dict(max_length=MAX_LENGTH, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4)
     values.update(config)
-    return sft_trainer(_model(tokenizer), tokenizer, dataset, sft_config(tmp_path, **values))
+    extra = {} if data_collator is None else {"data_collator": data_collator}
+    return sft_trainer(model or _model(tokenizer), tokenizer, dataset, sft_config(tmp_path, **values), **extra)
 
 
-def _unpacked_examples(tokenizer, dataset, tmp_path):
+def _unpacked_examples(tokenizer, dataset, tmp_path, **extra):
     """(input_ids, labels) of every example as the stock, unpacked run trains it."""
     unsloth_patch.remove()
     try:
-        trainer = _trainer(tokenizer, dataset, tmp_path / "unpacked", packing=False)
+        trainer = _trainer(tokenizer, dataset, tmp_path / "unpacked", packing=False, **extra)
         rows = []
         for batch in trainer.get_train_dataloader():
             for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
@@ -84,26 +85,68 @@ def _epoch(trainer):
     return batches
 
 
-def test_every_example_is_trained_once_per_epoch_as_its_own_sequence(tokenizer, dataset, tmp_path):
-    trainer = _trainer(tokenizer, dataset, tmp_path / "packed", packing=True)
+def _completion_only(tokenizer):
+    """A dataset (and collator, on TRL without prompt/completion support) whose prompts are masked."""
+    from datasets import Dataset
+
+    from unsloth_patch.tiny import chat_dataset
+
+    from .helpers import TRL
+
+    rows = chat_dataset(tokenizer, limit=40, format="prompt_completion")
+    if TRL >= __import__("packaging.version").version.Version("0.19"):  # completion_only_loss
+        data = Dataset.from_list([
+            {"prompt": tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+             "completion": r["completion"][0]["content"] + tokenizer.eos_token} for r in rows])
+        return data, {}
+    from trl import DataCollatorForCompletionOnlyLM
+
+    data = Dataset.from_list([{"text": tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)}
+                              for r in rows])
+    return data, {"data_collator": DataCollatorForCompletionOnlyLM(response_template="<|assistant|>",
+                                                                   tokenizer=tokenizer)}
+
+
+@pytest.mark.parametrize("kind", ["language-modeling", "completion-only"])
+def test_every_example_is_trained_once_per_epoch_as_its_own_sequence(kind, tokenizer, dataset, tmp_path):
+    extra = {}
+    if kind == "completion-only":
+        dataset, extra = _completion_only(tokenizer)
+        extra["max_length"] = 2 * MAX_LENGTH  # room for prompts and their completions
+    trainer = _trainer(tokenizer, dataset, tmp_path / "packed", packing=True, **extra)
     plan = unsloth_patch.last_plan()
     assert plan.packer == ("TRL" if _trl_packer() else planning.OUR_PACKER)
     assert 0 < plan.packing_efficiency <= 1
-    expected = collections.Counter(ids for ids, _ in _unpacked_examples(tokenizer, dataset, tmp_path))
-    labels_of = dict(_unpacked_examples(tokenizer, dataset, tmp_path))
+    unpacked = [(ids, labels) for ids, labels in _unpacked_examples(tokenizer, dataset, tmp_path, **extra)
+                if any(label != IGNORE for label in labels[1:])]  # examples with something to train
+    expected = collections.Counter(ids for ids, _ in unpacked)
+    labels_of = dict(unpacked)
+    if kind == "completion-only":
+        assert sum(label == IGNORE for _, labels in unpacked for label in labels[1:]) > 0  # prompts masked
     seen = collections.Counter()
     for batch in _epoch(trainer):
         assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
         for ids, labels, start, end in _segments(batch):
             assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
-            assert labels[0] == IGNORE and labels[1:] == labels_of[ids][1:]  # the unpacked run's labels
+            assert labels[0] == IGNORE
+            if all(label == IGNORE for label in labels):
+                continue  # nothing to train (a prompt truncated before its completion, say)
+            assert labels[1:] == labels_of[ids][1:]  # the unpacked run's labels
             seen[ids] += 1
     assert seen == expected  # every token of the dataset (after truncation), exactly once
     assert sum(len(ids) * n for ids, n in seen.items()) == sum(len(ids) * n for ids, n in expected.items())
 
 
-def test_each_example_in_a_packed_row_gives_its_own_logits_and_loss(tokenizer, dataset, tmp_path):
-    trainer = _trainer(tokenizer, dataset, tmp_path, packing=True)
+def _lora(tokenizer):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(_model(tokenizer), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  task_type="CAUSAL_LM"))
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_each_example_in_a_packed_row_gives_its_own_logits_and_loss(adapter, tokenizer, dataset, tmp_path):
+    model = _lora(tokenizer) if adapter else None
+    trainer = _trainer(tokenizer, dataset, tmp_path, model=model, packing=True)
     batch = _epoch(trainer)[0]
     segments = _segments(batch)
     assert len(segments) >= 3  # really packed: several examples in the step's rows

@@ -127,16 +127,17 @@ def _slow_here(facts: TrainerFacts) -> bool:
 OUR_PACKER = "unsloth_patch best-fit-decreasing"
 
 
-def packing_mode(settings: Settings, requested: bool, boundary_packer: bool) -> Optional[str]:
+def packing_mode(settings: Settings, requested: bool, boundary_packer: bool, wrapped: bool = False) -> Optional[str]:
     """Before TRL builds the trainer: who packs — ``"trl"``, ``"ours"`` or None (no packing).
 
     Packing is never turned on silently: only ``packing=True`` or ``UNSLOTH_PATCH_PACKING=on`` ask
-    for it. Where TRL packs with example boundaries (0.19+) it packs; where it can only concatenate
-    examples into one stream (before 0.19), our packer does, unless batching is left untouched.
+    for it. Where TRL packs whole examples keeping their loss masks (0.20+) it packs; where it can
+    only concatenate examples into one stream (before 0.19) or drops the masks (0.19), our packer
+    does, unless batching is left untouched or the user chose TRL's ``wrapped`` strategy.
     """
     if not (requested or settings.packing == "on"):
         return None
-    if boundary_packer or settings.padding_free == "off":
+    if boundary_packer or wrapped or settings.padding_free == "off":
         return "trl"
     return "ours"
 

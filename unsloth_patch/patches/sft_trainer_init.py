@@ -93,7 +93,9 @@ def _packer(config, settings):
         return None
     from trl import SFTConfig
 
-    return planning.packing_mode(settings, bool(config.packing), boundary_packer(SFTConfig))
+    wrapped = getattr(config, "packing_strategy", None) == "wrapped" and was_explicit(config, "packing_strategy") \
+        is not False
+    return planning.packing_mode(settings, bool(config.packing), boundary_packer(SFTConfig), wrapped)
 
 
 def _explicit_padding_free(config):

@@ -176,9 +176,15 @@ def _explicit(config, name) -> bool:
 
 
 def boundary_packer(config_cls) -> bool:
-    """Whether this TRL packs with example boundaries (a best/first-fit ``packing_strategy``, 0.19+)."""
+    """Whether this TRL packs whole examples with their boundaries and loss masks.
+
+    A best/first-fit ``packing_strategy`` keeps boundaries (0.19+); TRL 0.19 packs ``input_ids``
+    alone, dropping ``completion_mask``/``assistant_masks`` (0.20 keeps them).
+    """
     import dataclasses
+
+    from ..versions import at_least
 
     fields = {f.name: f for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else {}
     strategy = fields.get("packing_strategy")
-    return strategy is not None and strategy.default in PACKING_PADDING_FREE
+    return strategy is not None and strategy.default in PACKING_PADDING_FREE and at_least("trl", "0.20")

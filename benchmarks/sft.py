@@ -25,35 +25,66 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# name -> (import unsloth_patch first?, SFTConfig overrides, notes)
+@dataclass(frozen=True)
+class Config:
+    """One benchmark configuration: who runs the user's script, and how."""
+
+    patched: bool  # import unsloth_patch first
+    notes: str
+    overrides: dict = field(default_factory=dict)  # SFTConfig values besides the common ones
+    env: dict = field(default_factory=dict)  # environment of the run's process
+    adapter: Optional[str] = None  # "lora": r=16 on every linear layer
+    quant: Optional[str] = None  # "nf4": bitsandbytes 4-bit base (QLoRA)
+    loader: str = "transformers"  # or "unsloth": FastLanguageModel
+    match: Optional[str] = None  # UNSLOTH_PATCH_MEMORY_BUDGET_GB = this configuration's measured peak
+
+
+_UNSLOTH_OPTIM = {"gradient_accumulation_steps": 1, "optim": "adamw_torch_fused", "weight_decay": 0.0,
+                  "warmup_steps": 0, "lr_scheduler_type": "linear"}
 CONFIGS = {
-    "stock": (False, {}, "TRL defaults: padded batches, sdpa, TRL's default checkpointing"),
-    "trl_padding_free": (False, {"padding_free": True, "max_length": None},
-                         "TRL padding_free=True on sdpa (data pre-truncated at 2048, so max_length=None is equivalent)"),
-    "trl_liger": (False, {"use_liger_kernel": True}, "TRL + Liger kernels (use_liger_kernel=True)"),
-    "trl_packing_bfd": (False, {"packing": True, "packing_strategy": "bfd"}, "TRL bfd packing"),
-    "unsloth": (False, {"gradient_accumulation_steps": 1, "optim": "adamw_torch_fused", "weight_decay": 0.0,
-                         "warmup_steps": 0, "lr_scheduler_type": "linear"},
-                "Unsloth FastLanguageModel, full fine-tuning: its padding-free, compiled blocks and offloaded "
-                "checkpointing; optimizer settings aligned with stock TRL"),
-    "unsloth_patch": (True, {}, "import unsloth_patch, the stock script unchanged"),
-    "unsloth_patch_packing": (True, {"packing": True, "packing_strategy": "bfd"},
-                              "import unsloth_patch + TRL bfd packing"),
-    "unsloth_patch_plain_ckpt": (True, {}, "import unsloth_patch with UNSLOTH_PATCH_CHECKPOINTING=off "
-                                 "(TRL's default plain checkpointing kept)"),
-    "unsloth_patch_12gb": (True, {}, "import unsloth_patch with UNSLOTH_PATCH_MEMORY_BUDGET_GB=12 "
-                           "(memory-matched to the peers)"),
+    "stock": Config(False, "TRL defaults: padded batches, sdpa, TRL's default checkpointing"),
+    "trl_padding_free": Config(False, "TRL padding_free=True on sdpa (data pre-truncated at 2048, so "
+                               "max_length=None is equivalent)", {"padding_free": True, "max_length": None}),
+    "trl_liger": Config(False, "TRL + Liger kernels (use_liger_kernel=True)", {"use_liger_kernel": True}),
+    "trl_packing_bfd": Config(False, "TRL bfd packing", {"packing": True, "packing_strategy": "bfd"}),
+    "unsloth": Config(False, "Unsloth FastLanguageModel, full fine-tuning: its padding-free, compiled blocks and "
+                      "offloaded checkpointing; optimizer settings aligned with stock TRL", dict(_UNSLOTH_OPTIM),
+                      loader="unsloth"),
+    "unsloth_packing": Config(False, "Unsloth with packing=True", {**_UNSLOTH_OPTIM, "packing": True},
+                              loader="unsloth"),
+    "unsloth_patch": Config(True, "import unsloth_patch, the stock script unchanged"),
+    "unsloth_patch_packing": Config(True, "import unsloth_patch + packing=True (TRL's bfd packer, boundaries added)",
+                                    {"packing": True, "packing_strategy": "bfd"}),
+    "unsloth_patch_plain_ckpt": Config(True, "import unsloth_patch with UNSLOTH_PATCH_CHECKPOINTING=off (TRL's "
+                                       "default plain checkpointing kept)", env={"UNSLOTH_PATCH_CHECKPOINTING": "off"}),
+    "unsloth_patch_budget": Config(True, "import unsloth_patch with UNSLOTH_PATCH_MEMORY_BUDGET_GB = Unsloth's "
+                                   "peak measured in the same call (memory-matched)", match="unsloth"),
+    "unsloth_patch_12gb": Config(True, "import unsloth_patch with UNSLOTH_PATCH_MEMORY_BUDGET_GB=12",
+                                 env={"UNSLOTH_PATCH_MEMORY_BUDGET_GB": "12"}),
+    "stock_lora": Config(False, "TRL + PEFT LoRA r=16 on every linear layer", adapter="lora"),
+    "unsloth_lora": Config(False, "Unsloth 16-bit LoRA r=16 on every linear layer", dict(_UNSLOTH_OPTIM),
+                           adapter="lora", loader="unsloth"),
+    "unsloth_patch_lora": Config(True, "import unsloth_patch + LoRA r=16", adapter="lora"),
+    "unsloth_patch_lora_budget": Config(True, "import unsloth_patch + LoRA, budget = Unsloth LoRA's peak",
+                                        adapter="lora", match="unsloth_lora"),
+    "stock_qlora": Config(False, "TRL + PEFT QLoRA: nf4 base (double quant), LoRA r=16", adapter="lora",
+                          quant="nf4"),
+    "unsloth_qlora": Config(False, "Unsloth QLoRA: 4-bit base, LoRA r=16", dict(_UNSLOTH_OPTIM), adapter="lora",
+                            quant="nf4", loader="unsloth"),
+    "unsloth_patch_qlora": Config(True, "import unsloth_patch + QLoRA", adapter="lora", quant="nf4"),
+    "unsloth_patch_qlora_budget": Config(True, "import unsloth_patch + QLoRA, budget = Unsloth QLoRA's peak",
+                                         adapter="lora", quant="nf4", match="unsloth_qlora"),
 }
-# Environment of a configuration's process, besides the plugin's DISABLE for peers.
-CONFIG_ENV = {
-    "unsloth_patch_plain_ckpt": {"UNSLOTH_PATCH_CHECKPOINTING": "off"},
-    "unsloth_patch_12gb": {"UNSLOTH_PATCH_MEMORY_BUDGET_GB": "12"},
-}
-PEERS = ("trl_padding_free", "trl_liger", "trl_packing_bfd", "unsloth")
+PEERS = ("trl_padding_free", "trl_liger", "trl_packing_bfd", "unsloth", "unsloth_packing", "unsloth_lora",
+         "unsloth_qlora")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODELS = ("llama", "qwen2", "qwen3", "tiny")
 
 
 # ----------------------------------------------------------------------------------- data
@@ -99,197 +130,252 @@ def load_rows(data: pathlib.Path, min_tokens: int):
 
 # ----------------------------------------------------------------------------------- one run
 
+def _model_config(name: str, vocab_size: int):
+    from unsloth_patch import tiny
+
+    if name == "tiny":  # CPU smoke runs of the harness itself
+        return tiny.build_model("llama", vocab_size=vocab_size, hidden_size=64, num_layers=2).config
+    builder = {"llama": tiny.build_llama_1b_config, "qwen2": tiny.build_qwen2_1b_config,
+               "qwen3": tiny.build_qwen3_1b_config}[name]
+    return builder()
+
+
+def _load_model(config: Config, args, model_config, tokenizer, device):
+    """The model as the configuration's user would load it (saved once, seeded, for loaders that read files)."""
+    import torch
+
+    from unsloth_patch.tiny import model_from_config
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if config.loader == "transformers" and config.quant is None:
+        return model_from_config(model_config, dtype=dtype, seed=0, device=device)
+    model_dir = pathlib.Path(args.model_dir) / args.model
+    if not (model_dir / "config.json").exists():
+        model_from_config(model_config, dtype=dtype, seed=0).save_pretrained(model_dir)
+    if not (model_dir / "tokenizer_config.json").exists():  # FastLanguageModel loads the tokenizer from there
+        tokenizer.save_pretrained(model_dir)
+    if config.loader == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=args.max_length, dtype=dtype,
+                                                     load_in_4bit=config.quant == "nf4",
+                                                     full_finetuning=config.adapter is None)
+        if config.adapter == "lora":
+            model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                                     target_modules=LORA_TARGETS,
+                                                     use_gradient_checkpointing="unsloth", random_state=0)
+        return model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=dtype,
+                                                device_map={"": 0}, attn_implementation="sdpa")
+
+
 def run_one(args) -> dict:
-    patched, overrides, notes = CONFIGS[args.config]
-    if patched:
+    config = CONFIGS[args.config]
+    if config.patched:
         import unsloth_patch  # noqa: F401  (the one line a user adds)
     elif os.environ.get("UNSLOTH_PATCH_DISABLE") != "1":
         raise SystemExit("run peers with UNSLOTH_PATCH_DISABLE=1 (the `all` command does)")
-    if args.config == "unsloth":
+    if config.loader == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers/trl)
     import torch
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from unsloth_patch.collate import real_token_count
-    from unsloth_patch.tiny import build_llama_1b_config, build_qwen2_1b_config, model_from_config
+    from metrics import RunMeter
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     data = pathlib.Path(args.data)
     rows, real_tokens = load_rows(data, args.min_tokens)
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
-    config = (build_llama_1b_config if args.model == "llama" else build_qwen2_1b_config)()
     torch.manual_seed(0)
-    if args.config == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model_dir = pathlib.Path(args.model_dir) / args.model
-        if not (model_dir / "config.json").exists():
-            model_from_config(config, dtype=torch.bfloat16, seed=0).save_pretrained(model_dir)
-        if not (model_dir / "tokenizer_config.json").exists():  # FastLanguageModel loads the tokenizer from there
-            tokenizer.save_pretrained(model_dir)
-        model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=args.max_length,
-                                                     dtype=torch.bfloat16, load_in_4bit=False,
-                                                     full_finetuning=True)
-    else:
-        model = model_from_config(config, dtype=torch.bfloat16, seed=0, device="cuda")
+    model = _load_model(config, args, _model_config(args.model, len(tokenizer)), tokenizer, device)
 
     values = dict(output_dir=str(pathlib.Path(args.out).parent / f"ckpt-{args.config}"),
                   per_device_train_batch_size=args.batch_size, num_train_epochs=1, max_length=args.max_length,
-                  bf16=True, learning_rate=2e-5, logging_steps=1, report_to="none", save_strategy="no",
-                  seed=0, dataloader_num_workers=0, disable_tqdm=True)
-    values.update(overrides)
-    sft_args = SFTConfig(**values)
-    step_times, step_tokens = [], []
+                  bf16=device == "cuda", learning_rate=2e-4 if config.adapter else 2e-5, logging_steps=1,
+                  report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    if device == "cpu":
+        values["use_cpu"] = True
+    values.update(config.overrides)
+    peft_config = None
+    if config.adapter == "lora" and config.loader != "unsloth":
+        from peft import LoraConfig
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            torch.cuda.synchronize()
-            step_times.append([time.perf_counter(), None])
-
-        def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
-            step_times[-1][1] = time.perf_counter()
-
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Timer()])
-    inner = trainer.data_collator
-
-    def counting(features, *a, **k):
-        batch = inner(features, *a, **k)
-        step_tokens.append(real_token_count(batch))
-        return batch
-
-    trainer.data_collator = counting
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    output = trainer.train()
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    steps = len(step_times)
-    micro = max(1, int(trainer.args.gradient_accumulation_steps))  # collator calls per optimizer step
-    tokens = sum(step_tokens[:steps * micro])
-    skip = max(1, steps // 10)
-    steady_time = sum(b - a for a, b in step_times[skip:])
-    steady_tokens = sum(step_tokens[skip * micro:steps * micro])
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                 task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=SFTConfig(**values), train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    meter = RunMeter(trainer)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    output = meter.train()
+    times = meter.times(output)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = {
-        "config": args.config, "model": args.model + args.tag, "notes": notes, "batch_size": args.batch_size,
-        "params": sum(p.numel() for p in model.parameters()),
-        "steps": steps, "real_tokens": tokens, "dataset_tokens": real_tokens,
-        "train_runtime_s": output.metrics.get("train_runtime", wall), "wall_s": wall,
-        "tokens_per_s_whole": tokens / output.metrics.get("train_runtime", wall),
-        "tokens_per_s_steady": steady_tokens / steady_time if steady_time else None,
-        "first_steps_s": sum(b - a for a, b in step_times[:skip]),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "config": args.config, "model": args.model + args.tag, "notes": config.notes, "phase": args.phase,
+        "batch_size": args.batch_size, "params": sum(p.numel() for p in trainer.model.parameters()),
+        "real_tokens": times.tokens, "dataset_tokens": real_tokens, **times.as_dict(),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "losses": losses, "final_loss": losses[-1] if losses else None,
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-        "gradient_accumulation_steps": micro, "optim": str(trainer.args.optim),
+        "gradient_accumulation_steps": int(trainer.args.gradient_accumulation_steps), "optim": str(trainer.args.optim),
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
-        "collator": type(trainer.data_collator).__name__ if not callable(inner) else type(inner).__name__,
+        "env": {k: v for k, v in os.environ.items() if k.startswith("UNSLOTH_PATCH_")},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__, "cuda": torch.version.cuda},
-        "card": torch.cuda.get_device_name(0),
+        "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
     }
-    if patched:
+    if config.patched:
+        import dataclasses
+
         import unsloth_patch
+        from unsloth_patch import checkpointing
 
         plan = unsloth_patch.last_plan()
         result["plan"] = plan.as_dict() if plan else None
-        import dataclasses
-
-        from unsloth_patch import checkpointing
-
         decision = checkpointing.last_decision()
         result["checkpointing"] = dataclasses.asdict(decision) if decision is not None else None
+        result["startup"] = unsloth_patch.startup_report()
     return result
 
 
 # ----------------------------------------------------------------------------------- driver
 
+def _phases(args) -> list:
+    return ["cold", "warm"] if args.warm else ["cold"]
+
+
 def run_all(args) -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [(rep, name) for rep in range(args.repeat) for name in args.configs.split(",")]  # interleaved
-    for rep, name in runs:
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    peaks: dict = {}
+    caches = {name: tempfile.mkdtemp(prefix=f"triton-{name}-") for name in names}
+    runs = [(rep, name, phase) for rep in range(args.repeat) for name in names for phase in _phases(args)]
+    for rep, name, phase in runs:  # interleaved: every configuration's repeat r before any r + 1
+        config = CONFIGS[name]
         suffix = f"-r{rep + 1}" if args.repeat > 1 else ""
-        target = out / f"{args.model}{args.tag}-{name}{suffix}.json"
+        target = out / f"{args.model}{args.tag}-{name}-{phase}{suffix}.json"
         cmd = [sys.executable, __file__, "run", "--config", name, "--model", args.model, "--data", args.data,
                "--out", str(target), "--min-tokens", str(args.min_tokens), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--model-dir", args.model_dir, f"--tag={args.tag}"]
-        print(f"== {name}", flush=True)
+               "--max-length", str(args.max_length), "--model-dir", args.model_dir, f"--tag={args.tag}",
+               "--phase", phase]
+        print(f"== {name} ({phase})", flush=True)
         started = time.time()
         env = dict(os.environ)
-        if not CONFIGS[name][0]:  # importing unsloth_patch.tiny must not activate the plugin for peers
+        if not config.patched:  # importing unsloth_patch.tiny must not activate the plugin for peers
             env["UNSLOTH_PATCH_DISABLE"] = "1"
-        env.update(CONFIG_ENV.get(name, {}))
-        # every configuration pays its own Triton compilation, as a user's first run does
-        env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"triton-{name}-")
+        if config.loader == "unsloth" and args.peer_path:
+            env["PYTHONPATH"] = os.pathsep.join([args.peer_path, str(ROOT), str(HERE)])
+        else:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), str(ROOT), str(HERE)] if p)
+        env.update(config.env)
+        if config.match:
+            if config.match not in peaks:
+                print(f"   skipped: needs {config.match}'s peak from earlier in this call", flush=True)
+                continue
+            env["UNSLOTH_PATCH_MEMORY_BUDGET_GB"] = f"{peaks[config.match]:.3f}"
+        # cold: an empty Triton cache, as a user's first run; warm: a new process with the cache of the cold run
+        env["TRITON_CACHE_DIR"] = caches[name] if phase == "warm" else tempfile.mkdtemp(prefix=f"triton-{name}-")
+        if phase == "cold":
+            caches[name] = env["TRITON_CACHE_DIR"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            (out / f"{args.model}{args.tag}-{name}.log").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
+            (out / f"{target.stem}.log").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
             print(f"   FAILED ({proc.returncode}) after {time.time() - started:.0f}s:\n{proc.stderr[-2500:]}")
-            target.write_text(json.dumps({"config": name, "model": args.model, "error": proc.stderr[-4000:]}))
-        else:
-            r = json.loads(target.read_text())
-            policy = (r.get("checkpointing") or {}).get("policy")
-            print(f"   checkpointing policy: {policy}" if policy else "   ", end="")
-            print(f"   whole {r['tokens_per_s_whole']:.0f} tok/s, steady {r['tokens_per_s_steady']:.0f} tok/s, "
-                  f"peak {r['peak_gib']:.1f} GiB, final loss {r['final_loss']:.4f}, {time.time() - started:.0f}s",
-                  flush=True)
+            target.write_text(json.dumps({"config": name, "model": args.model + args.tag, "phase": phase,
+                                          "error": proc.stderr[-4000:]}))
+            continue
+        r = json.loads(target.read_text())
+        if r.get("peak_gib") is not None:
+            peaks.setdefault(name, r["peak_gib"])
+        policy = (r.get("checkpointing") or {}).get("policy")
+        print(f"   whole (wall-clock) {r['tokens_per_s_whole']:.0f} tok/s, steady {r['tokens_per_s_steady'] or 0:.0f}, "
+              f"train_runtime-based {r['tokens_per_s_train_runtime']:.0f}, start-up {r['startup_s']:.1f}s, "
+              f"peak {r['peak_gib'] or 0:.1f} GiB{', policy ' + policy if policy else ''}, "
+              f"final loss {r['final_loss']:.4f}, {time.time() - started:.0f}s", flush=True)
     print(report(out, None, None))
 
 
 def report(results: pathlib.Path, markdown, png) -> str:
-    repeats = {}
+    """Tables per model: cold and warm whole-run (wall-clock), steady, peak; ratios within one call."""
+    repeats: dict = {}
     for path in sorted(results.glob("*.json")):
-        r = json.loads(path.read_text())
-        repeats.setdefault(r["model"], {}).setdefault(r["config"], []).append(r)
-    runs = {model: {name: _median_run(rs) for name, rs in by.items()} for model, by in repeats.items()}
+        r = _normalized(json.loads(path.read_text()))
+        phase = r.get("phase", "cold")
+        repeats.setdefault(r["model"], {}).setdefault(r["config"], {}).setdefault(phase, []).append(r)
+    runs = {model: {name: {phase: _median_run(rs) for phase, rs in phases.items()} for name, phases in by.items()}
+            for model, by in repeats.items()}
     lines = []
     for model, by_name in runs.items():
-        ok = {k: v for k, v in by_name.items() if "error" not in v}
-        stock = ok.get("stock")
-        peers = {k: v for k, v in ok.items() if k in PEERS}
+        cold = {k: v["cold"] for k, v in by_name.items() if "cold" in v and "error" not in v["cold"]}
+        stock = cold.get("stock")
+        peers = {k: v for k, v in cold.items() if k in PEERS}
         best_peer = max(peers.values(), key=lambda v: v["tokens_per_s_steady"] or 0) if peers else None
-        some = next(iter(ok.values()), None)
+        some = next(iter(cold.values()), None)
         if some:
             lines.append(f"### {model} ({some['params'] / 1e9:.2f}B parameters) — {some['card']}, "
-                         f"torch {some['versions']['torch']}, transformers {some['versions']['transformers']}, "
-                         f"TRL {some['versions']['trl']}\n")
-        lines.append("| configuration | whole-run tok/s | steady tok/s | x stock (whole) | x stock (steady) | "
+                         f"{some.get('date', '')}, torch {some['versions']['torch']}, transformers "
+                         f"{some['versions']['transformers']}, TRL {some['versions']['trl']}\n")
+        lines.append("| configuration | whole-run tok/s, cold | whole-run tok/s, warm | steady tok/s | "
+                     "x stock (cold) | x stock (steady) | "
                      f"x best peer{' (' + best_peer['config'] + ')' if best_peer else ''} (steady) | "
-                     "peak GiB | final loss | max rel. loss diff vs stock |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+                     "start-up s | tok/s by train_runtime | peak GiB | final loss | max rel. loss diff vs stock |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name in CONFIGS:
-            r = by_name.get(name)
-            if r is None:
+            phases = by_name.get(name)
+            if phases is None or "cold" not in phases:
                 continue
+            r = phases["cold"]
             if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||| ")
+                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||||||")
                 continue
-            whole, steady = r["tokens_per_s_whole"], r["tokens_per_s_steady"]
+            warm = phases.get("warm")
+            warm_text = f"{warm['tokens_per_s_whole']:,.0f}" if warm and "error" not in warm else ""
+            whole, steady = r["tokens_per_s_whole"], r["tokens_per_s_steady"] or 0
             diff = ""
-            if stock and r["losses"] and not r["config"].endswith("packing_bfd") and "packing" not in name:
+            if stock and r["losses"] and "packing" not in name and CONFIGS[name].adapter is None:
                 pairs = list(zip(stock["losses"], r["losses"]))
                 diff = f"{max(abs(a - b) / abs(a) for a, b in pairs):.2%}" if pairs else ""
-            if r.get("runs", 1) > 1:
-                name = f"{name} (median of {r['runs']})"
+            label = f"{name} (median of {r['runs']})" if r.get("runs", 1) > 1 else name
             vs_stock = (f"{whole / stock['tokens_per_s_whole']:.2f}x | {steady / stock['tokens_per_s_steady']:.2f}x"
                         if stock else " | ")
             vs_peer = f"{steady / best_peer['tokens_per_s_steady']:.2f}x" if best_peer else ""
-            lines.append(f"| {name} | {whole:,.0f} | {steady:,.0f} | {vs_stock} | {vs_peer} | {r['peak_gib']:.1f} | "
+            peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
+            startup = "" if r.get("startup_s") is None else f"{r['startup_s']:.1f}"
+            lines.append(f"| {label} | {whole:,.0f} | {warm_text} | {steady:,.0f} | {vs_stock} | {vs_peer} | "
+                         f"{startup} | {r['tokens_per_s_train_runtime']:,.0f} | {peak} | "
                          f"{r['final_loss']:.4f} | {diff} |")
         lines.append("")
     text = "\n".join(lines)
     if markdown:
         pathlib.Path(markdown).write_text(text + "\n")
     if png:
-        _plot(runs, png)
+        _plot({m: {n: p["cold"] for n, p in by.items() if "cold" in p} for m, by in runs.items()}, png)
     return text
+
+
+def _normalized(r: dict) -> dict:
+    """Results recorded before 2026-12-01 named the train_runtime-based figure "whole": recompute it by wall-clock."""
+    if "error" in r or "tokens_per_s_train_runtime" in r:
+        return r
+    r = dict(r)
+    r["tokens_per_s_train_runtime"] = r["tokens_per_s_whole"]
+    r["tokens_per_s_whole"] = r["real_tokens"] / r["wall_s"]
+    r["startup_s"] = None
+    return r
 
 
 def _median_run(results: list) -> dict:
@@ -346,13 +432,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "out" / "results"))
     parser.add_argument("--config", choices=list(CONFIGS))
     parser.add_argument("--configs", default="stock,trl_padding_free,trl_liger,trl_packing_bfd,unsloth_patch")
-    parser.add_argument("--model", choices=["llama", "qwen2"], default="llama")
+    parser.add_argument("--model", choices=list(MODELS), default="llama")
     parser.add_argument("--model-dir", default=str(HERE / "out" / "models"))
     parser.add_argument("--min-tokens", type=int, default=500_000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=1, help="run every configuration N times, interleaved; "
                         "the report takes medians")
     parser.add_argument("--tag", default="", help="suffix for result files (e.g. b32 for a batch-size sweep)")
+    parser.add_argument("--warm", action="store_true", help="after each cold run (empty Triton cache), run the "
+                        "configuration again in a new process with the cache the cold run filled")
+    parser.add_argument("--phase", default="cold", choices=["cold", "warm"], help=argparse.SUPPRESS)
+    parser.add_argument("--peer-path", default="", help="PYTHONPATH for the Unsloth configurations (their own "
+                        "site directory with TRL <= 1.15), when they run in the same call as the others")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--limit", type=int, default=None)

@@ -14,7 +14,8 @@ from .registry import PatchRecord
 from .settings import Settings, current, read_settings, set_current, unknown_variables
 
 __version__ = "0.1.0"
-__all__ = ["activate", "apply", "remove", "report", "last_plan", "current_settings", "Settings", "UnslothSFTConfig", "PatchRecord"]
+__all__ = ["activate", "apply", "remove", "report", "last_plan", "startup_report", "current_settings", "Settings",
+           "UnslothSFTConfig", "PatchRecord"]
 
 _disabled = False
 
@@ -68,6 +69,13 @@ def last_plan():
     from .plan import last_plan as _last
 
     return _last()
+
+
+def startup_report():
+    """How long the plugin's own start-up took at the last ``train()``, by phase (None before one)."""
+    from .startup import last
+
+    return last()
 
 
 def __getattr__(name):

@@ -67,6 +67,13 @@ def _here() -> list[str]:
         if plan.packer:
             efficiency = "" if plan.packing_efficiency is None else f", rows {100 * plan.packing_efficiency:.1f}% full"
             lines.append(f"last trainer: packed by {plan.packer}{efficiency}")
+    from .startup import last
+
+    started = last()
+    if started is not None:
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in started["phases"].items()) or "nothing"
+        lines.append(f"last train(): start-up of ours {started['ours_s']:.2f} s ({parts}); "
+                     f"{started['to_first_step_s']:.2f} s from train() to the first step")
     return lines
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "model_from_config",
     "build_llama_1b_config",
     "build_qwen2_1b_config",
+    "build_qwen3_1b_config",
     "chat_dataset",
 ]
 
@@ -271,6 +272,33 @@ def build_qwen2_1b_config(**overrides: Any):
     )
     kw.update(overrides)
     return Qwen2Config(**kw)
+
+
+def build_qwen3_1b_config(**overrides: Any):
+    """Qwen3-shaped ~1.1B config (the second family of the benchmarks): per-head q/k norms, head dim 128.
+
+    Qwen3-1.7B's body at 16 layers with a 32k vocabulary, untied: 16 x (attn 12.6M + MLP 37.7M) +
+    2 x 65.5M embeddings = 0.94B parameters.
+    """
+    from transformers import Qwen3Config
+
+    kw: dict[str, Any] = dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    kw.update(overrides)
+    return Qwen3Config(**kw)
 
 
 # --------------------------------------------------------------------------- data

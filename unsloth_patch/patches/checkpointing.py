@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from .. import checkpointing as policy
-from .. import log
+from .. import log, startup
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
@@ -29,7 +29,8 @@ KWARGS_FIELDS = ("gradient_checkpointing_kwargs", "activation_checkpointing_kwar
 def handle_train(proceed, trainer, args, kwargs):
     decision = getattr(trainer, _ATTRIBUTE, None)
     if decision is None:
-        decision = decide(trainer, current())
+        with startup.phase("checkpointing probe"):
+            decision = decide(trainer, current())
         try:
             object.__setattr__(trainer, _ATTRIBUTE, decision)
         except Exception:

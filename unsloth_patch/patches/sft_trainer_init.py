@@ -13,7 +13,7 @@ import copy
 import inspect
 import logging
 
-from .. import log, packing, plan as planning, registry
+from .. import log, packing, plan as planning, registry, startup
 from ..attention.dispatch import COMPONENT as ATTENTION_COMPONENT
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
@@ -49,15 +49,17 @@ def handle_sft_trainer_init(proceed, instance, args, kwargs):
     finally:
         before.rollback()
     trainer = instance
+    startup.begin()
     if packer == "ours" and not trainer.args.packing:
         trainer.args.packing = True  # UNSLOTH_PATCH_PACKING=on: the trainer trains on packed rows
     converted = getattr(trainer, "args", config)
     if config is not None and type(converted) is not type(config) and isinstance(converted, type(config)):
         carry_explicit(config, converted)  # TRL turned a TrainingArguments into its SFTConfig
     try:
-        facts = gather_facts(trainer, bound, explicit_padding_free, settings, packer)
-        plan = planning.decide(settings, facts)
-        prepare(trainer, plan, settings)
+        with startup.phase("plan"):
+            facts = gather_facts(trainer, bound, explicit_padding_free, settings, packer)
+            plan = planning.decide(settings, facts)
+            prepare(trainer, plan, settings)
     except UnslothPatchError:
         raise
     except Exception as exc:

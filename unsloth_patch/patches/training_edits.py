@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
-from .. import fallback, log
+from .. import fallback, log, startup
 from ..edits import Edits
 from ..settings import current
 from .trainer_facts import base_model
@@ -83,8 +84,25 @@ def handle_get_train_dataloader(proceed, trainer, args, kwargs):
 
 
 def handle_train(proceed, trainer, args, kwargs):
-    with active(trainer):
-        return proceed(*args, **kwargs)
+    called_at = time.perf_counter()
+    callback = _startup_callback(called_at)
+    trainer.add_callback(callback)
+    try:
+        with active(trainer):
+            return proceed(*args, **kwargs)
+    finally:
+        trainer.remove_callback(callback)
+
+
+def _startup_callback(called_at: float):
+    """Logs the plugin's start-up at the first step of this train() (the callback lives as long as the call)."""
+    from transformers import TrainerCallback
+
+    class StartupLog(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            startup.train_started(called_at)
+
+    return StartupLog()
 
 
 @contextlib.contextmanager
@@ -117,7 +135,8 @@ def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
     from ..layers import fuse_model_layers
 
     model = base_model(trainer.model)
-    fuse_model_layers(model, settings, edits)
+    with startup.phase("fused layers"):
+        fuse_model_layers(model, settings, edits)
     if not (plan.padding_free or plan.boundaries_only):
         return
     if getattr(model.config, "use_cache", False):

@@ -1,0 +1,82 @@
+"""The benchmark's whole-run figure is wall-clock of ``trainer.train()``: our probe is in it.
+
+(``train_runtime``, transformers' own clock, starts after the probe: a figure divided by it hides
+the plugin's start-up. The benchmark keeps it as an extra column only.)
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import pytest
+
+import unsloth_patch
+from unsloth_patch import checkpointing as policy
+from unsloth_patch.patches import checkpointing as wiring
+from unsloth_patch.tiny import build_model, build_tokenizer
+
+from .helpers import sft_config, sft_trainer, text_dataset, use_settings  # noqa: F401
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from metrics import RunMeter  # noqa: E402
+
+SLOW = 1.5  # seconds the injected probe sleeps
+
+
+def _measured(tokenizer, dataset, tmp_path):
+    trainer = sft_trainer(build_model("llama", vocab_size=len(tokenizer), seed=0), tokenizer, dataset,
+                          sft_config(tmp_path, max_length=48, max_steps=4, logging_steps=1))
+    meter = RunMeter(trainer)
+    return meter.times(meter.train())
+
+
+def test_a_slow_probe_lowers_the_whole_run_figure_but_not_train_runtimes(tmp_path, use_settings, monkeypatch):
+    tokenizer = build_tokenizer()
+    dataset = text_dataset(tokenizer, limit=16)
+    use_settings(memory_budget_gb=8.0)  # the probe runs on this CPU
+    monkeypatch.setattr(wiring, "explicit_reason", lambda args: None)
+    monkeypatch.setattr(wiring, "checkpointing_on", lambda args: True)
+    fast = _measured(tokenizer, dataset, tmp_path / "fast")
+    real = policy.measure
+
+    def slow_measure(*args, **kwargs):
+        time.sleep(SLOW)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "measure", slow_measure)
+    slow = _measured(tokenizer, dataset, tmp_path / "slow")
+    assert slow.tokens == fast.tokens > 0 and slow.steps == fast.steps == 4
+    assert slow.wall_s >= fast.wall_s + 0.8 * SLOW  # the probe is inside the whole-run time
+    assert slow.tokens_per_s_whole < fast.tokens_per_s_whole
+    assert slow.startup_s >= SLOW and slow.wall_s - slow.train_runtime_s >= 0.8 * SLOW  # train_runtime misses it
+    started = unsloth_patch.startup_report()
+    assert started["phases"]["checkpointing probe"] >= SLOW and started["ours_s"] >= SLOW
+    assert started["to_first_step_s"] >= started["ours_s"]
+
+
+@pytest.mark.newest_only  # four fresh processes; the harness does not depend on the TRL version
+def test_the_benchmark_runs_cold_and_warm_and_reports_wall_clock(tmp_path):
+    import json
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sft.py"
+    data, out = tmp_path / "data", tmp_path / "out"
+    common = ["--max-length", "128"]
+    done = subprocess.run([sys.executable, str(script), "prepare", "--out", str(data), "--limit", "60",
+                           "--vocab-size", "512", *common], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, str(script), "all", "--data", str(data), "--out", str(out), "--model", "tiny",
+                           "--configs", "stock,unsloth_patch", "--warm", "--min-tokens", "3000", "--batch-size", "4",
+                           "--model-dir", str(tmp_path / "models"), *common],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(results) == {"tiny-stock-cold", "tiny-stock-warm", "tiny-unsloth_patch-cold", "tiny-unsloth_patch-warm"}
+    for r in results.values():
+        assert "error" not in r, r.get("error")
+        assert abs(r["tokens_per_s_whole"] - r["real_tokens"] / r["wall_s"]) <= 1e-6 * r["tokens_per_s_whole"]
+        assert r["wall_s"] >= r["train_runtime_s"] and r["steps"] > 1
+    assert results["tiny-unsloth_patch-cold"]["startup"]["ours_s"] >= 0
+    assert "whole-run tok/s, cold | whole-run tok/s, warm" in done.stdout

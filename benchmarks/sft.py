@@ -326,8 +326,9 @@ def report(results: pathlib.Path, markdown, png) -> str:
         best_peer = max(peers.values(), key=lambda v: v["tokens_per_s_steady"] or 0) if peers else None
         some = next(iter(cold.values()), None)
         if some:
+            date = f"{some['date']}, " if some.get("date") else ""
             lines.append(f"### {model} ({some['params'] / 1e9:.2f}B parameters) — {some['card']}, "
-                         f"{some.get('date', '')}, torch {some['versions']['torch']}, transformers "
+                         f"{date}torch {some['versions']['torch']}, transformers "
                          f"{some['versions']['transformers']}, TRL {some['versions']['trl']}\n")
         lines.append("| configuration | whole-run tok/s, cold | whole-run tok/s, warm | steady tok/s | "
                      "x stock (cold) | x stock (steady) | "

@@ -158,16 +158,50 @@ def budget_for(card_bytes: Optional[int], env_budget_gb: Optional[float], availa
     return usable - margin
 
 
-def optimizer_state_bytes(trainable_bytes: int, trainable_numel: int, optim: str) -> int:
-    """Memory the optimizer will hold (not there yet at train start, so not in the probe)."""
+def optimizer_state_bytes(parameters, optim, optim_args: str = "") -> int:
+    """Memory the optimizer will hold once it has stepped (not there at train start, so not probed).
+
+    ``parameters``: ``(shape, element size)`` of each trainable parameter. Per optimizer family, the
+    state torch/transformers/bitsandbytes create for a parameter:
+    Adam-style: two moments of the parameter's dtype (plus a scalar step); SGD: a momentum buffer only
+    with ``momentum`` > 0; Lion/RMSprop/Adagrad: one buffer; Adafactor (transformers'): fp32 row and
+    column second-moment factors for matrices, a full fp32 one otherwise; 8-bit optimizers: two
+    one-byte moments plus their block statistics. Unknown optimizers count as Adam-style.
+    """
     name = str(getattr(optim, "value", optim) or "").lower()
-    if "8bit" in name or "bnb" in name and "8" in name:
-        return 2 * trainable_numel
-    if "adafactor" in name:
-        return 0
-    if "sgd" in name or "lion" in name:
-        return trainable_bytes
-    return 2 * trainable_bytes  # Adam-style: two moments of the parameters' dtype
+    arguments = _optim_arguments(optim_args)
+    total = 0
+    for shape, element_size in parameters:
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        if "8bit" in name or ("bnb" in name and "8" in name):
+            total += 2 * numel + 2 * 4 * ((numel + 255) // 256)  # one-byte moments + block absmax (fp32)
+        elif "adafactor" in name:
+            if len(shape) >= 2:
+                rows = numel // int(shape[-1])
+                cols = numel // int(shape[-2])
+                total += 4 * (rows + cols)
+            else:
+                total += 4 * numel
+            total += 4  # the step / RMS scalars
+        elif "sgd" in name:
+            total += numel * element_size if float(arguments.get("momentum", 0) or 0) > 0 else 0
+        elif "lion" in name or "rmsprop" in name or "adagrad" in name:
+            total += numel * element_size
+        else:
+            total += 2 * numel * element_size + 4  # Adam-style, and its step count
+    return total
+
+
+def _optim_arguments(text: str) -> dict:
+    """transformers' ``optim_args`` string ("momentum=0.9,nesterov=True") as a dict."""
+    out = {}
+    for part in (text or "").replace(" ", "").split(","):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoint functions
@@ -540,20 +574,52 @@ def autocast_for(device, mixed: Optional[str]):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def run_probe(model, batch: dict, policy: str, kwargs: Optional[dict], mixed: Optional[str]) -> None:
-    """One forward+backward of ``batch`` under ``policy`` (the model's checkpointing set for it)."""
+def predicted_peak(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
+                   limit: Optional[int], loss_fn: Optional[Callable] = None, measure_fn: Optional[Callable] = None) -> int:
+    """Peak bytes of a step on ``spec``'s batch, from two small probes: one and two copies of its longest sequence.
+
+    A step's memory grows by the same amount with each further sequence of the same length (its
+    activations, the attention's per-sequence work, the logits' rows), on top of what does not grow
+    (weights, gradients): two small steps give both parts, so the full batch never has to be
+    allocated to know whether it fits — the probe itself stays far below the memory it predicts, and
+    costs a fraction of a full step. Batches of one or two sequences are measured as they are.
+    ``limit`` bounds the small probes (a simulated out-of-memory error past it, on a CPU); whether the
+    predicted peak fits is the caller's decision.
+    """
+    measure_fn = measure_fn or measure
+    count = len(spec.lengths)
+    if count <= 2:
+        return measure_fn(model, spec, policy, kwargs, mixed, limit, loss_fn=loss_fn)
+    longest = max(spec.lengths)
+    one = measure_fn(model, ProbeBatch([longest], spec.flat), policy, kwargs, mixed, limit, loss_fn=loss_fn)
+    two = measure_fn(model, ProbeBatch([longest] * 2, spec.flat), policy, kwargs, mixed, limit, loss_fn=loss_fn)
+    return two + max(0, two - one) * (count - 2)
+
+
+def model_loss(model, batch: dict):
+    """The loss of a plain forward (when no trainer's own loss is given)."""
+    outputs = model(**batch, use_cache=False)
+    return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+
+
+def run_probe(model, batch: dict, policy: str, kwargs: Optional[dict], mixed: Optional[str],
+              loss_fn: Optional[Callable] = None) -> None:
+    """One forward+backward of ``batch`` under ``policy`` (the model's checkpointing set for it).
+
+    ``loss_fn(model, batch)`` is the trainer's own loss (TRL's fused LM head, say): the probe must
+    allocate what a training step allocates, not what a plain forward with full logits would.
+    """
     install(model, policy, kwargs)
     model.train()
     for param in model.parameters():
         param.grad = None
     with autocast_for(batch["input_ids"].device, mixed):
-        outputs = model(**batch, use_cache=False)
-    loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        loss = (loss_fn or model_loss)(model, batch)
     loss.backward()
 
 
 def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
-            limit: Optional[int], step: Optional[Callable] = None) -> int:
+            limit: Optional[int], step: Optional[Callable] = None, loss_fn: Optional[Callable] = None) -> int:
     """Peak bytes of one step under ``policy``; the model, grads and RNG are restored afterwards.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the live
@@ -571,7 +637,7 @@ def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            step(model, batch, policy, kwargs, mixed)
+            step(model, batch, policy, kwargs, mixed, loss_fn)
             torch.cuda.synchronize(device)
             return int(torch.cuda.max_memory_allocated(device))
         tracker = _LiveBytes(limit)
@@ -580,7 +646,7 @@ def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed:
             tracker.track(tensor)
         tracker.check()
         with tracker.measuring():
-            step(model, batch, policy, kwargs, mixed)
+            step(model, batch, policy, kwargs, mixed, loss_fn)
         tracker.check()
         return tracker.peak
     finally:

@@ -157,11 +157,13 @@ def memory_of(device, settings):
 
 
 def extra_bytes(trainer) -> int:
+    """What a training step holds that the probe's step does not: the optimizer state (and DDP's buckets)."""
     model = _model(trainer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     nbytes = sum(p.numel() * p.element_size() for p in trainable)
-    numel = sum(p.numel() for p in trainable)
-    extra = policy.optimizer_state_bytes(nbytes, numel, getattr(trainer.args, "optim", "adamw_torch"))
+    extra = policy.optimizer_state_bytes([(tuple(p.shape), p.element_size()) for p in trainable],
+                                         getattr(trainer.args, "optim", "adamw_torch"),
+                                         getattr(trainer.args, "optim_args", None) or "")
     world = int(getattr(trainer.args, "world_size", 1) or 1)
     if world > 1 and not getattr(trainer, "is_fsdp_enabled", False):
         extra += nbytes  # DDP's gradient buckets
@@ -221,11 +223,13 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         candidates.append("selective")
     candidates += ["offload", "full"]
     extra = extra_bytes(trainer)
-    limit = card if device.type != "cuda" else None
+    # a candidate fits when its step plus the optimizer state stays under the budget; on a CPU the budget
+    # is simulated (an out-of-memory error past it), on a GPU the card's own limit applies
+    limit = max(0, budget - extra) if device.type != "cuda" else None
     mixed = _mixed(trainer.args)
 
     def measure(name):
-        return policy.measure(model, spec, name, kwargs, mixed, limit)
+        return policy.predicted_peak(model, spec, name, kwargs, mixed, limit, loss_fn=trainer_loss(trainer))
 
     chosen, peaks = policy.choose(candidates, measure, budget, extra)
     decision = policy.Decision("full", "", peaks=peaks, extra_bytes=extra, budget_bytes=budget, card_bytes=card,
@@ -238,6 +242,38 @@ def _decide_locally(trainer, settings) -> policy.Decision:
                            if chosen != "full" else "only full checkpointing fits the budget")
     decision.probed = True
     return decision
+
+
+def trainer_loss(trainer):
+    """The trainer's own ``compute_loss`` (TRL's fused LM head, its metrics' extra work) for the probe,
+    with the bookkeeping it touches (TRL's metric lists and token counters) put back afterwards."""
+    def loss_fn(model, batch):
+        saved = _bookkeeping(trainer)
+        try:
+            return trainer.compute_loss(model, dict(batch))
+        finally:
+            for name, value in saved.items():
+                setattr(trainer, name, value)
+
+    return loss_fn
+
+
+def _bookkeeping(trainer) -> dict:
+    """Copies of the trainer's private counters and metric logs, which a ``compute_loss`` call updates."""
+    import copy
+
+    return {name: copy.deepcopy(value) for name, value in vars(trainer).items()
+            if name.startswith("_") and not isinstance(value, bool) and _plain(value)}
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """Numbers, strings and small containers of them (TRL's ``_metrics``, ``_total_train_tokens``)."""
+    if isinstance(value, (int, float, str)):
+        return depth > 0 or not isinstance(value, str)
+    if depth > 3 or not isinstance(value, (dict, list)) or len(value) > 10_000:
+        return False
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    return all(isinstance(k, (str, int)) and _plain(v, depth + 1) for k, v in items)
 
 
 # --------------------------------------------------------------------------- applying

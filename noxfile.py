@@ -58,7 +58,7 @@ MATRIX = [
 # Smoke sessions: the newest release of every TRL minor line (0.11 to the newest) that has no
 # row above runs `pytest -m smoke` (import order, report, padding-free loss parity). Same columns.
 SMOKE_MATRIX = [
-    ("0.14.0", "4.57.6", "4.8.5", "1.15.0", "0.21.2", ()),
+    ("0.14.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
     ("0.16.1", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
     ("0.17.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
     ("0.18.2", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),

@@ -75,15 +75,11 @@ SMOKE_MATRIX = [
     ("1.4.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
     ("1.5.1", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
     ("1.6.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
-    # TRL 1.7-1.12 on transformers 4.57.6: on 5.24.0 the loss-parity test fails (up to 1.2e-4 relative).
-    # Their default loss_type="chunked_nll" takes log_softmax of bf16 logits under the bf16 autocast
-    # TRL turns on by default (also on CPU); with bf16=False padded and padding-free losses are equal.
-    # On 4.57.6 it passes, narrowly (9.8e-5 against the 1e-4 tolerance). docs/ci.md has the details.
-    ("1.7.1", "4.57.6", "4.8.5", "1.15.0", "0.21.2", ()),
-    ("1.9.2", "4.57.6", "4.8.5", "1.15.0", "0.21.2", ()),
-    ("1.10.0", "4.57.6", "4.8.5", "1.15.0", "0.21.2", ()),
-    ("1.11.0", "4.57.6", "4.8.5", "1.15.0", "0.21.2", ()),
-    ("1.12.0", "4.57.6", "4.8.5", "1.15.0", "0.21.2", ()),
+    ("1.7.1", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
+    ("1.9.2", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
+    ("1.10.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
+    ("1.11.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
+    ("1.12.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
     ("1.13.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
     ("1.14.2", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ()),
     ("1.15.0", "5.24.0", "5.2.0", "1.15.0", "0.21.2", ("triton==3.9.0",)),  # its SFTTrainer imports triton unguarded
@@ -254,6 +250,7 @@ def _make_tests_session(name: str, row: tuple) -> None:
 
     @nox.session(name=name, python=PYTHON, tags=["trl"])
     def _session(session: nox.Session) -> None:
+        _write_bytecode(session)
         _install(session, pins)
         _pytest(session, "not kernels and not newest_only")
 
@@ -264,15 +261,19 @@ for _name, _row in _session_names():
     _make_tests_session(_name, _row)
 
 
+def _write_bytecode(session: nox.Session) -> None:
+    """uv does not byte-compile; with PYTHONDONTWRITEBYTECODE set (as on some CI machines) every
+    interpreter of the session would compile torch/transformers/TRL again (the import-order tests and
+    the demo start fresh ones). Let the first import write the bytecode and the later ones reuse it."""
+    session.env["PYTHONDONTWRITEBYTECODE"] = None
+
+
 def _make_smoke_session(name: str, row: tuple) -> None:
     pins = _pins(row)
 
     @nox.session(name=name, python=PYTHON, tags=["smoke"])
     def _session(session: nox.Session) -> None:
-        # uv does not byte-compile; with PYTHONDONTWRITEBYTECODE set (as on some CI machines) every
-        # interpreter of the session would compile torch/transformers/TRL again (the import-order tests
-        # start fresh ones). Let the first import write the bytecode and the later ones reuse it.
-        session.env["PYTHONDONTWRITEBYTECODE"] = None
+        _write_bytecode(session)
         _install(session, pins)
         _pytest(session, "smoke")
 
@@ -286,6 +287,7 @@ for _name, _row in _session_names(SMOKE_MATRIX, "smoke"):
 @nox.session(python=PYTHON, tags=["kernels"])
 def kernels(session: nox.Session) -> None:
     """pytest -m 'kernels or newest_only' on the newest pins, with triton."""
+    _write_bytecode(session)
     _install(session, _pins(KERNELS_ROW) + list(KERNELS_EXTRA))
     env = {}
     if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:

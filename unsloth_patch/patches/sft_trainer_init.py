@@ -13,7 +13,7 @@ import copy
 import inspect
 import logging
 
-from .. import log, packing, plan as planning, registry, startup
+from .. import log, packing, plan as planning, registry, startup, warmup
 from ..attention.dispatch import COMPONENT as ATTENTION_COMPONENT
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
@@ -29,6 +29,7 @@ def handle_sft_trainer_init(proceed, instance, args, kwargs):
     if bound is None:  # arguments TRL itself will reject: let it
         return proceed(*args, **kwargs)
     config = bound.get("args")
+    warmup.start(bound.get("model"), config, settings)  # compiles while TRL prepares the dataset
     explicit_padding_free = _explicit_padding_free(config)
     packer = _packer(config, settings)
     packing = packer is not None

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 
-from .. import fallback, log, startup
+from .. import fallback, log, startup, warmup
 from ..edits import Edits
 from ..settings import current
 from .trainer_facts import base_model
@@ -85,6 +85,9 @@ def handle_get_train_dataloader(proceed, trainer, args, kwargs):
 
 def handle_train(proceed, trainer, args, kwargs):
     called_at = time.perf_counter()
+    if warmup.pending():
+        with startup.phase("waiting for kernel compilation"):
+            warmup.wait()
     callback = _startup_callback(called_at)
     trainer.add_callback(callback)
     try:

@@ -1,0 +1,56 @@
+"""Kernel compilation moved off the first step: which variants a model's config asks for, and that
+launching them on a few rows works (here in the Triton interpreter; on a GPU it compiles them)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from unsloth_patch import warmup
+from unsloth_patch.settings import Settings
+from unsloth_patch.tiny import build_model
+
+
+def test_specs_follow_the_models_config():
+    from unsloth_patch.kernels import warmup as kw
+
+    llama = build_model("llama", hidden_size=128, num_heads=2, num_kv_heads=1).config  # head dim 64
+    specs = warmup.specs_for(llama, torch.bfloat16, torch.bfloat16, Settings())
+    assert kw.AttentionSpec(2, 1, 64, torch.bfloat16, None, None) in specs
+    assert kw.NormSpec(128, torch.bfloat16, torch.bfloat16, 0.0) in specs
+    assert kw.GatedSpec(torch.bfloat16, gelu=False) in specs
+    gemma2 = build_model("gemma2", hidden_size=128, num_heads=2, num_kv_heads=1, sliding_window=16).config
+    specs = warmup.specs_for(gemma2, torch.bfloat16, torch.float32, Settings())
+    softcap = gemma2.attn_logit_softcapping
+    assert {s.window for s in specs if isinstance(s, kw.AttentionSpec)} == {None, 16}
+    assert all(s.softcap == softcap for s in specs if isinstance(s, kw.AttentionSpec))
+    assert kw.NormSpec(128, torch.float32, torch.float32, 1.0) in specs and kw.GatedSpec(torch.bfloat16, True) in specs
+    assert not [s for s in warmup.specs_for(llama, torch.bfloat16, torch.bfloat16, Settings(kernels="off",
+                                                                                           attention="off"))]
+    tiny_heads = build_model("llama").config  # head dim 16: no kernel for it
+    assert not [s for s in warmup.specs_for(tiny_heads, torch.float32, torch.float32, Settings())
+                if isinstance(s, kw.AttentionSpec)]
+
+
+def test_nothing_starts_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert warmup.start(build_model("llama"), None, Settings()) is False and not warmup.pending()
+
+
+@pytest.mark.kernels
+def test_every_variant_launches(monkeypatch):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from unsloth_patch.kernels import warmup as kw
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    specs = [kw.AttentionSpec(4, 2, 64, dtype), kw.AttentionSpec(4, 2, 64, dtype, window=8, softcap=30.0),
+             kw.NormSpec(96, dtype, dtype), kw.NormSpec(64, dtype, dtype, 1.0), kw.NormSpec(640, dtype, dtype),
+             kw.GatedSpec(dtype), kw.GatedSpec(dtype, gelu=True)]
+    assert kw.warm_up(specs, device) == []
+    assert os.environ.get("TRITON_INTERPRET") == "1" or device == "cuda"

@@ -1,0 +1,125 @@
+"""Compile the kernels a trainer will use while TRL builds it, on a background thread.
+
+Triton compiles each kernel variant at its first launch: on a cold cache several seconds that a
+user would otherwise wait for at the first training step. ``SFTTrainer(...)`` spends time of its
+own before training (tokenising and truncating the dataset, building the collator, moving the
+model), so the compilation starts there, on a thread, from what the model's config already says
+(head counts and dim, windows, soft-capping, norm sizes, the MLP's activation); ``train()`` waits
+for it before its first launch. Only on a CUDA GPU with Triton, and only for kernels the toggles
+leave on. A variant the run turns out not to need costs a compile and nothing else; an error in
+the warm-up is logged at debug level and changes nothing (the real calls keep their fallbacks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+from . import log
+
+_lock = threading.Lock()
+_thread: Optional[threading.Thread] = None
+_outcome: dict = {}
+
+
+def specs_for(model_config, compute_dtype, param_dtype, settings) -> list:
+    """The kernel variants a model of this config is likely to launch in training."""
+    from .kernels import warmup as kw
+    from .kernels.varlen_attention import SUPPORTED_HEAD_DIMS
+
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(text, "hidden_size", None)
+    heads = getattr(text, "num_attention_heads", None)
+    if not (isinstance(hidden, int) and isinstance(heads, int) and heads):
+        return []
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    family = str(getattr(text, "model_type", ""))
+    specs = []
+    if settings.attention != "off" and settings.padding_free != "off" and head_dim in SUPPORTED_HEAD_DIMS:
+        softcap = getattr(text, "attn_logit_softcapping", None)
+        window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+        specs.append(kw.AttentionSpec(heads, kv_heads, head_dim, compute_dtype, None, softcap))
+        if window:
+            specs.append(kw.AttentionSpec(heads, kv_heads, head_dim, compute_dtype, int(window), softcap))
+    if settings.kernels != "off":
+        offset = 1.0 if family.startswith("gemma") else 0.0
+        specs.append(kw.NormSpec(hidden, param_dtype, param_dtype, offset))
+        if family.startswith("qwen3") or family in ("olmo2", "gemma3"):  # per-head q/k norms
+            specs.append(kw.NormSpec(head_dim, param_dtype, param_dtype, offset))
+        specs.append(kw.GatedSpec(compute_dtype, gelu=family.startswith("gemma")))
+    return specs
+
+
+def start(model, args, settings) -> bool:
+    """Begin compiling for ``model`` (a loaded model, not a hub id) trained with ``args``; True if begun."""
+    global _thread
+    try:
+        import torch
+
+        if isinstance(model, str) or not torch.cuda.is_available() or not hasattr(model, "config"):
+            return False
+        from .kernels._triton import triton
+
+        if triton is None:
+            return False
+        parameter = next(iter(model.parameters()), None)
+        param_dtype = parameter.dtype if parameter is not None else torch.float32
+        if getattr(args, "bf16", False):
+            compute_dtype = torch.bfloat16
+        elif getattr(args, "fp16", False):
+            compute_dtype = torch.float16
+        else:
+            compute_dtype = param_dtype
+        specs = specs_for(model.config, compute_dtype, param_dtype, settings)
+        if not specs:
+            return False
+        # this process's GPU: under torchrun/accelerate the local rank's (the default device is not set yet)
+        index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device() if torch.cuda.is_initialized() else 0))
+        device = torch.device("cuda", index)
+    except Exception as exc:
+        log.logger.debug("kernel warm-up not started: %s", exc)
+        return False
+    thread = threading.Thread(target=_run, args=(specs, device), name="unsloth_patch-kernel-warmup", daemon=True)
+    with _lock:
+        if _thread is not None and _thread.is_alive():
+            return False  # one at a time; the next trainer's train() finds the variants already compiled
+        _thread = thread
+    thread.start()
+    return True
+
+
+def _run(specs, device) -> None:
+    import torch
+
+    from .kernels.warmup import warm_up
+
+    started = time.perf_counter()
+    try:
+        with torch.cuda.device(device):
+            failed = warm_up(specs, device)
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # never reaches the user
+        failed = [(None, f"{type(exc).__name__}: {exc}")]
+    _outcome.update(seconds=time.perf_counter() - started, specs=len(specs), failed=failed)
+    for spec, error in failed:
+        log.logger.log(logging.DEBUG, "kernel warm-up: %s failed (%s)", spec, error)
+
+
+def pending() -> bool:
+    """Whether a warm-up started in this process has not been waited for yet."""
+    with _lock:
+        return _thread is not None and _thread.is_alive()
+
+
+def wait(timeout: float = 300.0) -> Optional[dict]:
+    """Before the first launch: let a running warm-up finish (so nothing compiles twice)."""
+    with _lock:
+        thread = _thread
+    if thread is None:
+        return None
+    thread.join(timeout)
+    return dict(_outcome)

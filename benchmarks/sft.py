@@ -223,7 +223,7 @@ def run_one(args) -> dict:
         "config": args.config, "model": args.model + args.tag, "notes": config.notes, "phase": args.phase,
         "batch_size": args.batch_size, "params": sum(p.numel() for p in trainer.model.parameters()),
         "real_tokens": times.tokens, "dataset_tokens": real_tokens, **times.as_dict(),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "peak_gib": _whole_run_peak(config) / 2**30 if device == "cuda" else None,
         "losses": losses, "final_loss": losses[-1] if losses else None,
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "gradient_accumulation_steps": int(trainer.args.gradient_accumulation_steps), "optim": str(trainer.args.optim),
@@ -246,6 +246,21 @@ def run_one(args) -> dict:
         result["checkpointing"] = dataclasses.asdict(decision) if decision is not None else None
         result["startup"] = unsloth_patch.startup_report()
     return result
+
+
+def _whole_run_peak(config: Config) -> int:
+    """Peak allocated over the whole train(): the plugin's probe resets the allocator's peak counter
+    for each of its small steps, so its own peak (recorded in its decision) is taken into account."""
+    import torch
+
+    peak = torch.cuda.max_memory_allocated()
+    if config.patched:
+        from unsloth_patch import checkpointing
+
+        decision = checkpointing.last_decision()
+        if decision is not None and decision.probe_peak_bytes:
+            peak = max(peak, decision.probe_peak_bytes)
+    return peak
 
 
 # ----------------------------------------------------------------------------------- driver

@@ -51,6 +51,7 @@ class Decision:
     device: str = ""
     tokens: int = 0  # tokens of the probe batch
     local_policy: Optional[str] = None  # this rank's own choice before the ranks agreed
+    probe_peak_bytes: Optional[int] = None  # the most the probe's own small steps held at once
 
     @property
     def changes_training(self) -> bool:

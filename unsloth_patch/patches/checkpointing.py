@@ -228,12 +228,21 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     limit = max(0, budget - extra) if device.type != "cuda" else None
     mixed = _mixed(trainer.args)
 
+    held = []
+
+    def measured(*args, **kwargs):  # each small step's own peak, for the record
+        peak = policy.measure(*args, **kwargs)
+        held.append(peak)
+        return peak
+
     def measure(name):
-        return policy.predicted_peak(model, spec, name, kwargs, mixed, limit, loss_fn=trainer_loss(trainer))
+        return policy.predicted_peak(model, spec, name, kwargs, mixed, limit, loss_fn=trainer_loss(trainer),
+                                     measure_fn=measured)
 
     chosen, peaks = policy.choose(candidates, measure, budget, extra)
     decision = policy.Decision("full", "", peaks=peaks, extra_bytes=extra, budget_bytes=budget, card_bytes=card,
-                               device=str(device), tokens=sum(spec.lengths))
+                               device=str(device), tokens=sum(spec.lengths),
+                               probe_peak_bytes=max(held) if held else None)
     if chosen is None:
         decision.reason = "no candidate fits the budget; TRL's full checkpointing kept"
     else:

@@ -173,22 +173,14 @@ def _load_model(config: Config, args, model_config, tokenizer, device):
                                                 device_map={"": 0}, attn_implementation="sdpa")
 
 
-def run_one(args) -> dict:
-    config = CONFIGS[args.config]
-    if config.patched:
-        import unsloth_patch  # noqa: F401  (the one line a user adds)
-    elif os.environ.get("UNSLOTH_PATCH_DISABLE") != "1":
-        raise SystemExit("run peers with UNSLOTH_PATCH_DISABLE=1 (the `all` command does)")
+def build_trainer(args, config: Config):
+    """The configuration's ``SFTTrainer``: its model, the benchmark's data, the user's SFTConfig."""
     if config.loader == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers/trl)
     import torch
-    import transformers
-    import trl
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    from metrics import RunMeter
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = pathlib.Path(args.data)
@@ -213,6 +205,25 @@ def run_one(args) -> dict:
                                  task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=SFTConfig(**values), train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
+    trainer._benchmark_dataset_tokens = real_tokens
+    return trainer
+
+
+def run_one(args) -> dict:
+    config = CONFIGS[args.config]
+    if config.patched:
+        import unsloth_patch  # noqa: F401  (the one line a user adds)
+    elif os.environ.get("UNSLOTH_PATCH_DISABLE") != "1":
+        raise SystemExit("run peers with UNSLOTH_PATCH_DISABLE=1 (the `all` command does)")
+    trainer = build_trainer(args, config)
+    import torch
+    import transformers
+    import trl
+
+    from metrics import RunMeter
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    real_tokens = trainer._benchmark_dataset_tokens
     meter = RunMeter(trainer)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

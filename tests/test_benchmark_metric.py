@@ -80,3 +80,12 @@ def test_the_benchmark_runs_cold_and_warm_and_reports_wall_clock(tmp_path):
         assert r["wall_s"] >= r["train_runtime_s"] and r["steps"] > 1
     assert results["tiny-unsloth_patch-cold"]["startup"]["ours_s"] >= 0
     assert "whole-run tok/s, cold | whole-run tok/s, warm" in done.stdout
+    profile = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(script.parent / "profile_step.py"), "--config", "unsloth_patch",
+                           "--model", "tiny", "--data", str(data), "--out", str(profile), "--warmup", "1",
+                           "--steps", "2", "--min-tokens", "3000", "--batch-size", "4", "--model-dir",
+                           str(tmp_path / "models"), *common], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    measured = json.loads(profile.read_text())
+    assert measured["by_class_ms"]["matmul"] > 0 and measured["step_ms"] > 0 and measured["launches_per_step"] > 0
+    assert "| kernel class (ms per step) | unsloth_patch |" in done.stdout

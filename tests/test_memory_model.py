@@ -26,17 +26,17 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def dataset(tokenizer):
-    return text_dataset(tokenizer, limit=24)
+    return text_dataset(tokenizer, limit=8)
 
 
 def _trainer(tokenizer, dataset, tmp_path, **config):
     from trl import SFTConfig
 
-    values = dict(max_length=48, per_device_train_batch_size=6, max_steps=3)
+    values = dict(max_length=32, per_device_train_batch_size=4, max_steps=2)
     if "bf16" in config_fields(SFTConfig):
         values["bf16"] = False
     values.update(config)
-    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, seed=0)
+    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=96, seed=0)
     return sft_trainer(model, tokenizer, dataset, sft_config(tmp_path, **values))
 
 
@@ -51,8 +51,8 @@ def _whole_train_peak(trainer) -> int:
     return tracker.peak
 
 
-@pytest.mark.parametrize("chosen", ["none", "selective", "offload", "full"])
-@pytest.mark.parametrize("optim", ["adamw_torch", "adafactor"])
+@pytest.mark.parametrize("chosen, optim", [("none", "adamw_torch"), ("selective", "adamw_torch"),
+                                           ("offload", "adamw_torch"), ("full", "adamw_torch"), ("none", "adafactor")])
 def test_predicted_peak_is_within_five_percent_of_the_whole_runs_peak(chosen, optim, tokenizer, dataset, tmp_path,
                                                                       use_settings, monkeypatch):
     if chosen == "selective" and not policy.selective_available():
@@ -82,7 +82,7 @@ def test_the_probe_stays_under_its_prediction_and_leaves_nothing_allocated(token
 
     trainer = _trainer(tokenizer, dataset, tmp_path)
     model = trainer.model
-    spec = policy.ProbeBatch([48] * 6, flat=True)
+    spec = policy.ProbeBatch([32] * 4, flat=True)
     gc.collect()
     tracker = policy._LiveBytes()
     for tensor in [*model.parameters(), *model.buffers()]:

@@ -245,22 +245,6 @@ def _pytest(session: nox.Session, marker: str, env: dict | None = None) -> None:
         session.error(f"all {counts['tests']} tests were skipped: nothing was tested")
 
 
-def _make_tests_session(name: str, row: tuple) -> None:
-    pins = _pins(row)
-
-    @nox.session(name=name, python=PYTHON, tags=["trl"])
-    def _session(session: nox.Session) -> None:
-        _write_bytecode(session)
-        _install(session, pins)
-        _pytest(session, "not kernels and not newest_only")
-
-    _session.__doc__ = f"pytest -m 'not kernels and not newest_only' with {', '.join(pins)}"
-
-
-for _name, _row in _session_names():
-    _make_tests_session(_name, _row)
-
-
 def _write_bytecode(session: nox.Session) -> None:
     """uv does not byte-compile; with PYTHONDONTWRITEBYTECODE set (as on some CI machines) every
     interpreter of the session would compile torch/transformers/TRL again (the import-order tests and
@@ -268,20 +252,23 @@ def _write_bytecode(session: nox.Session) -> None:
     session.env["PYTHONDONTWRITEBYTECODE"] = None
 
 
-def _make_smoke_session(name: str, row: tuple) -> None:
+def _make_session(name: str, row: tuple, tag: str, marker: str) -> None:
+    """One nox session: the row's pins, then ``pytest -m marker``."""
     pins = _pins(row)
 
-    @nox.session(name=name, python=PYTHON, tags=["smoke"])
+    @nox.session(name=name, python=PYTHON, tags=[tag])
     def _session(session: nox.Session) -> None:
         _write_bytecode(session)
         _install(session, pins)
-        _pytest(session, "smoke")
+        _pytest(session, marker)
 
-    _session.__doc__ = f"pytest -m smoke with {', '.join(pins)}"
+    _session.__doc__ = f"pytest -m '{marker}' with {', '.join(pins)}"
 
 
+for _name, _row in _session_names():
+    _make_session(_name, _row, "trl", "not kernels and not newest_only")
 for _name, _row in _session_names(SMOKE_MATRIX, "smoke"):
-    _make_smoke_session(_name, _row)
+    _make_session(_name, _row, "smoke", "smoke")
 
 
 @nox.session(python=PYTHON, tags=["kernels"])

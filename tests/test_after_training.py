@@ -12,16 +12,11 @@ import torch
 import unsloth_patch
 from unsloth_patch.collate import PaddingFreeCollator
 from unsloth_patch.layers import is_fused
-from unsloth_patch.tiny import build_model, build_tokenizer
+from unsloth_patch.tiny import build_model
 
 from .helpers import losses, sft_config, sft_trainer, text_dataset, train_collator, use_settings  # noqa: F401
 
 PROMPTS = ["hello there, how are", "what do you", "i think that the weather today is"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +106,6 @@ def _metrics(prediction):
 
 
 def test_predict_and_metrics_after_training_are_stock_shaped(tokenizer, dataset, tmp_path):
-    from unsloth_patch.tiny import chat_dataset  # noqa: F401
-
     evaluation = text_dataset(tokenizer, limit=10)  # 10 rows, batch 4: a short last batch
     results = {}
     for mode in ("stock", "patched"):

@@ -20,18 +20,13 @@ import unsloth_patch  # noqa: E402  (activates the patches before TRL/transforme
 from unsloth_patch import checkpointing as policy  # noqa: E402
 from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
 from unsloth_patch.patches.config_fields import explicit_fields  # noqa: E402
-from unsloth_patch.tiny import build_model, build_tokenizer  # noqa: E402
+from unsloth_patch.tiny import build_model  # noqa: E402
 
 from .helpers import config_fields, losses, plugin_log, sft_config, sft_trainer, text_dataset  # noqa: E402
 
 unsloth_patch.apply()
 settings_module = sys.modules["unsloth_patch.settings"]
 GIB = policy.GIB
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

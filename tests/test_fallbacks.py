@@ -17,7 +17,7 @@ from unsloth_patch import fallback, layers
 from unsloth_patch import log as plugin_log_module
 from unsloth_patch.patches import checkpointing as wiring
 from unsloth_patch.patches import training_edits
-from unsloth_patch.tiny import build_model, build_tokenizer
+from unsloth_patch.tiny import build_model
 
 from .helpers import losses, plugin_log, sft_config, sft_trainer, text_dataset, use_settings  # noqa: F401
 
@@ -26,11 +26,6 @@ CONFIG = dict(max_length=64, max_steps=3, learning_rate=1e-4)
 
 def injected(*args, **kwargs):
     raise RuntimeError("injected fault")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

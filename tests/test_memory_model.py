@@ -14,14 +14,9 @@ torch = pytest.importorskip("torch")
 
 from unsloth_patch import checkpointing as policy  # noqa: E402
 from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
-from unsloth_patch.tiny import build_model, build_tokenizer  # noqa: E402
+from unsloth_patch.tiny import build_model  # noqa: E402
 
 from .helpers import config_fields, sft_config, sft_trainer, text_dataset, use_settings  # noqa: E402,F401
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

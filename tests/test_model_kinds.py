@@ -13,16 +13,11 @@ import unsloth_patch
 from unsloth_patch.collate import PaddingFreeCollator, boundaries_from_lengths
 from unsloth_patch.errors import UnslothPatchError
 from unsloth_patch.patches import checkpointing as wiring
-from unsloth_patch.tiny import PAD_ID, BOS_ID, EOS_ID, build_model, build_tokenizer
+from unsloth_patch.tiny import PAD_ID, BOS_ID, EOS_ID, build_model
 
 from .helpers import losses, sft_config, sft_trainer, text_dataset, train_collator, use_settings  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -204,15 +199,14 @@ def test_auto_keeps_padded_batches_where_no_varlen_kernel_is_faster(tokenizer, d
 
 
 def test_explicit_padding_free_is_honoured_on_any_device(tokenizer, dataset, tmp_path, use_settings):
-    from unsloth_patch.tiny import build_model as _build
+    from trl import SFTConfig
 
     from .helpers import config_fields
-    from trl import SFTConfig
 
     if "padding_free" not in config_fields(SFTConfig):
         pytest.skip("this TRL has no padding_free")
     use_settings(padding_free="auto")
-    trainer = sft_trainer(_build("llama", vocab_size=len(tokenizer)), tokenizer, dataset,
+    trainer = sft_trainer(build_model("llama", vocab_size=len(tokenizer)), tokenizer, dataset,
                           sft_config(tmp_path, max_length=48, max_steps=1, padding_free=True))
     assert unsloth_patch.last_plan().padding_free and isinstance(train_collator(trainer), PaddingFreeCollator)
     if hasattr(trainer, "padding_free"):

@@ -17,18 +17,13 @@ import unsloth_patch
 from unsloth_patch import packing, plan as planning
 from unsloth_patch.collate import LABEL_OFFSET_KEY, boundaries_from_lengths, lengths_from_position_ids
 from unsloth_patch.patches.trainer_facts import boundary_packer
-from unsloth_patch.tiny import build_model, build_tokenizer
+from unsloth_patch.tiny import build_model
 
 from .helpers import (config_fields, during_training, losses, plugin_log, sft_config, sft_trainer, text_dataset,
                       use_settings)  # noqa: F401
 
 IGNORE = -100
 MAX_LENGTH = 64
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from unsloth_patch.collate import (LABEL_OFFSET_KEY, PaddingFreeCollator, bounda
                                    lengths_from_position_ids)
 from unsloth_patch.errors import UnslothPatchError
 from unsloth_patch.settings import Settings
-from unsloth_patch.tiny import available_families, build_model, build_tokenizer
+from unsloth_patch.tiny import available_families, build_model
 
 from unsloth_patch.versions import at_least
 
@@ -34,11 +34,6 @@ def flatten_on_this_device(use_settings):
     """These tests are about the padding-free path itself: on a CPU, where ``auto`` keeps padded
     batches (no varlen kernel beats them there), ``on`` asks for it. Blocker tests set ``auto``."""
     use_settings(padding_free="on")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

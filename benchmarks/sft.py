@@ -85,6 +85,10 @@ PEERS = ("trl_padding_free", "trl_liger", "trl_packing_bfd", "unsloth", "unsloth
          "unsloth_qlora")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODELS = ("llama", "qwen2", "qwen3", "tiny")
+# --launch: the accelerate config files of docs/distributed.md; FSDP2 shards each decoder layer
+LAUNCHES = ("ddp", "fsdp2")
+DECODER_LAYERS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "qwen3": "Qwen3DecoderLayer",
+                  "tiny": "LlamaDecoderLayer"}
 
 
 # ----------------------------------------------------------------------------------- data
@@ -146,7 +150,7 @@ def _load_model(config: Config, args, model_config, tokenizer, device):
 
     from unsloth_patch.tiny import model_from_config
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if config.loader == "transformers" and config.quant is None:
         return model_from_config(model_config, dtype=dtype, seed=0, device=device)
     model_dir = pathlib.Path(args.model_dir) / args.model
@@ -170,7 +174,8 @@ def _load_model(config: Config, args, model_config, tokenizer, device):
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=dtype,
-                                                device_map={"": 0}, attn_implementation="sdpa")
+                                                device_map={"": torch.cuda.current_device()},
+                                                attn_implementation="sdpa")
 
 
 def build_trainer(args, config: Config):
@@ -183,6 +188,10 @@ def build_trainer(args, config: Config):
     from trl import SFTConfig, SFTTrainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device == "cuda":  # a distributed launch: this rank's GPU, before the model is built
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = f"cuda:{torch.cuda.current_device()}"
     data = pathlib.Path(args.data)
     rows, real_tokens = load_rows(data, args.min_tokens)
     dataset = Dataset.from_list(rows)
@@ -192,7 +201,7 @@ def build_trainer(args, config: Config):
 
     values = dict(output_dir=str(pathlib.Path(args.out).parent / f"ckpt-{args.config}"),
                   per_device_train_batch_size=args.batch_size, num_train_epochs=1, max_length=args.max_length,
-                  bf16=device == "cuda", learning_rate=2e-4 if config.adapter else 2e-5, logging_steps=1,
+                  bf16=device.startswith("cuda"), learning_rate=2e-4 if config.adapter else 2e-5, logging_steps=1,
                   report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
     if device == "cpu":
         values["use_cpu"] = True
@@ -223,18 +232,24 @@ def run_one(args) -> dict:
     from metrics import RunMeter
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     real_tokens = trainer._benchmark_dataset_tokens
     meter = RunMeter(trainer)
-    if device == "cuda":
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     output = meter.train()
     times = meter.times(output)
+    peak = _whole_run_peak(config) / 2**30 if on_gpu else None
+    if world > 1:  # throughput of the whole launch: every rank's tokens; memory: the fullest GPU
+        times, peak = _across_ranks(times, peak)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = {
         "config": args.config, "model": args.model + args.tag, "notes": config.notes, "phase": args.phase,
         "batch_size": args.batch_size, "params": sum(p.numel() for p in trainer.model.parameters()),
         "real_tokens": times.tokens, "dataset_tokens": real_tokens, **times.as_dict(),
-        "peak_gib": _whole_run_peak(config) / 2**30 if device == "cuda" else None,
+        "peak_gib": peak, "world_size": world, "wrapper": type(trainer.model_wrapped).__name__,
+        "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)), "launch": os.environ.get("SFT_BENCH_LAUNCH") or None,
         "losses": losses, "final_loss": losses[-1] if losses else None,
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "gradient_accumulation_steps": int(trainer.args.gradient_accumulation_steps), "optim": str(trainer.args.optim),
@@ -242,7 +257,7 @@ def run_one(args) -> dict:
         "env": {k: v for k, v in os.environ.items() if k.startswith("UNSLOTH_PATCH_")},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__, "cuda": torch.version.cuda},
-        "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "card": (f"{world}x " if world > 1 else "") + (torch.cuda.get_device_name(0) if on_gpu else "cpu"),
         "date": time.strftime("%Y-%m-%d"),
     }
     if config.patched:
@@ -274,6 +289,37 @@ def _whole_run_peak(config: Config) -> int:
     return peak
 
 
+def _across_ranks(times, peak):
+    """Sum the ranks' tokens (each rank trains its share of every step) and take the largest peak."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tokens = torch.tensor([times.tokens, times.steady_tokens], dtype=torch.float64, device=device)
+    dist.all_reduce(tokens)
+    top = torch.tensor([peak or 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    times = dataclasses.replace(times, tokens=int(tokens[0].item()), steady_tokens=int(tokens[1].item()))
+    return times, (top.item() if peak is not None else None)
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _launcher(args) -> list:
+    """``accelerate launch`` with the docs' config file, FSDP2 wrapping this model's decoder layers."""
+    if not args.launch:
+        return [sys.executable]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "docs" / "accelerate" / f"{args.launch}.yaml"), "--num_processes", str(args.nproc)]
+    if args.launch == "fsdp2":
+        command += ["--fsdp_transformer_layer_cls_to_wrap", DECODER_LAYERS[args.model]]
+    return command
+
+
 # ----------------------------------------------------------------------------------- driver
 
 def _phases(args) -> list:
@@ -294,7 +340,7 @@ def run_all(args) -> None:
         config = CONFIGS[name]
         suffix = f"-r{rep + 1}" if args.repeat > 1 else ""
         target = out / f"{args.model}{args.tag}-{name}-{phase}{suffix}.json"
-        cmd = [sys.executable, __file__, "run", "--config", name, "--model", args.model, "--data", args.data,
+        cmd = [*_launcher(args), __file__, "run", "--config", name, "--model", args.model, "--data", args.data,
                "--out", str(target), "--min-tokens", str(args.min_tokens), "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--model-dir", args.model_dir, f"--tag={args.tag}",
                "--phase", phase]
@@ -308,6 +354,8 @@ def run_all(args) -> None:
         else:
             env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), str(ROOT), str(HERE)] if p)
         env.update(config.env)
+        if args.launch:
+            env["SFT_BENCH_LAUNCH"] = f"{args.launch}x{args.nproc}"
         if config.match:
             if config.match not in peaks:
                 print(f"   skipped: needs {config.match}'s peak from earlier in this call", flush=True)
@@ -477,12 +525,16 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=None)
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--png", default=None)
+    parser.add_argument("--launch", choices=LAUNCHES, default=None, help="`all`: run each configuration under "
+                        "`accelerate launch --config_file docs/accelerate/<launch>.yaml` (docs/distributed.md)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes (GPUs) of a --launch run")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(pathlib.Path(args.out), args.vocab_size, args.max_length, args.limit)
     elif args.command == "run":
         result = run_one(args)
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+        if _is_main_rank():  # one file per launch
+            pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
     elif args.command == "all":
         run_all(args)
     else:

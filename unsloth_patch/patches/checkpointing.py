@@ -91,7 +91,19 @@ def blocker(trainer, settings):
         return "auto_find_batch_size changes the batch size during train()"
     if getattr(base_model(_model(trainer)), "supports_gradient_checkpointing", True) is False:
         return "the model does not support gradient checkpointing"
+    if _distributed_parameters(_model(trainer)):
+        return ("the model's parameters are already distributed (DTensor: FSDP2 or tensor parallel), so a probe step "
+                "would run collectives that a rank running out of memory would never reach")
     return None
+
+
+def _distributed_parameters(model) -> bool:
+    """Parameters that are DTensors (sharded or replicated over a device mesh): a forward runs collectives."""
+    import sys
+
+    tensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    dtensor = getattr(tensor, "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
 
 
 def kwargs_of(args) -> dict:

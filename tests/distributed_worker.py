@@ -130,12 +130,19 @@ class Recorder:
         training_step = trainer.training_step
         recorder = self
 
+        stepping_now = []
+
         def recording(model, inputs, *args, **kwargs):
-            recorder.batches.append(describe_batch(trainer, model, inputs, kwargs.get("num_items_in_batch")))
+            if stepping_now:  # a training step's batch (the checkpointing probe calls compute_loss too)
+                recorder.batches.append(describe_batch(trainer, model, inputs, kwargs.get("num_items_in_batch")))
             return compute_loss(model, inputs, *args, **kwargs)
 
         def stepping(*args, **kwargs):
-            loss = training_step(*args, **kwargs)
+            stepping_now.append(True)
+            try:
+                loss = training_step(*args, **kwargs)
+            finally:
+                stepping_now.pop()
             recorder.step_losses.append(float(loss.detach().double().mean()))
             return loss
 
@@ -285,8 +292,10 @@ def peaks_of(trainer) -> tuple:
     from unsloth_patch.patches.training_edits import active
 
     spec = wiring.probe_spec(trainer)
+    kwargs, mixed, loss = wiring.kwargs_of(trainer.args), wiring._mixed(trainer.args), wiring.trainer_loss(trainer)
     with active(trainer):  # the probe runs with the plan's model edits in place, as train() has them
-        peaks = {name: policy.measure(trainer.model, spec, name, {}, None, None) for name in ("none", "selective")}
+        peaks = {name: policy.predicted_peak(trainer.model, spec, name, kwargs, mixed, None, loss_fn=loss)
+                 for name in ("none", "selective")}
     return peaks, wiring.extra_bytes(trainer)
 
 

@@ -265,18 +265,43 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     return decision
 
 
+_COLLECTIVES = ("gather", "gather_for_metrics", "reduce", "pad_across_processes")
+
+
 def trainer_loss(trainer):
     """The trainer's own ``compute_loss`` (TRL's fused LM head, its metrics' extra work) for the probe,
-    with the bookkeeping it touches (TRL's metric lists and token counters) put back afterwards."""
+    with the bookkeeping it touches (TRL's metric lists and token counters) put back afterwards.
+
+    Its metric gathers stay local to this process: ranks probe different candidates (each stops at
+    its first fit, or runs out of memory), so a collective inside the probe would pair one rank's
+    gather with another's next step — a hang. The probe's metrics are discarded anyway.
+    """
     def loss_fn(model, batch):
         saved = _bookkeeping(trainer)
+        accelerator = getattr(trainer, "accelerator", None)
+        local = {name: vars(accelerator).get(name) for name in _COLLECTIVES if hasattr(accelerator, name)}
+        for name in local:
+            setattr(accelerator, name, _local_collective(name))
         try:
             return trainer.compute_loss(model, dict(batch))
         finally:
             for name, value in saved.items():
                 setattr(trainer, name, value)
+            for name, value in local.items():
+                if value is None:
+                    delattr(accelerator, name)
+                else:
+                    setattr(accelerator, name, value)
 
     return loss_fn
+
+
+def _local_collective(name):
+    def collective(tensor, *args, **kwargs):  # this process's value, as with one process
+        return tensor
+
+    collective.__name__ = name
+    return collective
 
 
 def _bookkeeping(trainer) -> dict:

@@ -412,18 +412,18 @@ def probe_out_of_memory(out_dir, context):
     import torch
     from unsloth_patch import checkpointing as policy
 
-    real = policy.run_probe
+    real = policy.probe.run_probe
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory in rank 1's probe step")
 
     if rank() == 1:
-        policy.run_probe = out_of_memory
+        policy.probe.run_probe = out_of_memory
     try:
         with settings(padding_free="on", memory_budget_gb=64.0):
             return train(build(out_dir, accumulation=1, steps=1, checkpointing_default=True), Recorder())
     finally:
-        policy.run_probe = real
+        policy.probe.run_probe = real
 
 
 @scenario

@@ -18,6 +18,7 @@ pytest.importorskip("trl")
 
 import unsloth_patch  # noqa: E402  (activates the patches before TRL/transformers load)
 from unsloth_patch import checkpointing as policy  # noqa: E402
+from unsloth_patch.checkpointing import probe as probe_module  # noqa: E402
 from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
 from unsloth_patch.patches.config_fields import explicit_fields  # noqa: E402
 from unsloth_patch.tiny import build_model  # noqa: E402
@@ -230,14 +231,14 @@ def test_each_branch_under_a_matching_budget(expected, probed, tokenizer, datase
 def test_full_when_nothing_else_fits(probed, tokenizer, dataset, tmp_path, use_settings, monkeypatch):
     peaks, extra = probed
     use_settings(memory_budget_gb=_budget(peaks["full"] + extra))
-    real = policy.run_probe
+    real = probe_module.run_probe
 
     def offload_runs_out(model, batch, name, kwargs, mixed, loss_fn=None):
         if name == "offload":
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(model, batch, name, kwargs, mixed, loss_fn)
 
-    monkeypatch.setattr(policy, "run_probe", offload_runs_out)
+    monkeypatch.setattr(probe_module, "run_probe", offload_runs_out)
     trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
     trainer.train()
     decision = policy.last_decision()
@@ -258,14 +259,14 @@ def test_budget_below_every_candidate_keeps_full(probed, tokenizer, dataset, tmp
 
 def test_probe_out_of_memory_falls_through(tokenizer, dataset, tmp_path, use_settings, monkeypatch):
     use_settings(memory_budget_gb=64.0)
-    real = policy.run_probe
+    real = probe_module.run_probe
 
     def none_runs_out(model, batch, name, kwargs, mixed, loss_fn=None):
         if name == "none":
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(model, batch, name, kwargs, mixed, loss_fn)
 
-    monkeypatch.setattr(policy, "run_probe", none_runs_out)
+    monkeypatch.setattr(probe_module, "run_probe", none_runs_out)
     trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
     trainer.train()
     decision = policy.last_decision()

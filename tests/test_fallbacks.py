@@ -137,9 +137,9 @@ def test_checkpoint_function_failure_falls_back_to_plain_checkpointing(chosen, c
     monkeypatch.setattr(wiring, "_decide_locally", lambda trainer, settings: policy.Decision(
         chosen, "injected decision", probed=True))
     if chosen == "selective":
-        monkeypatch.setattr(policy, "selective_context", injected)
+        monkeypatch.setattr(policy.functions, "selective_context", injected)
     else:
-        monkeypatch.setattr(policy, "_offload_pack", injected)
+        monkeypatch.setattr(policy.functions, "_offload_pack", injected)
     real = torch_checkpoint.checkpoint
     calls = []
     monkeypatch.setattr(torch_checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -1,0 +1,196 @@
+"""The probe: small training steps of the largest batch's sequences, under each candidate policy.
+
+Each step runs on a random-token batch laid out as the run lays out its batches, through the
+trainer's own loss, and puts back everything it touched (``RestorePoint``); ``predicted_peak``
+extrapolates two small steps to the full batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .functions import install, restore_checkpointing, snapshot_checkpointing
+from .meter import LiveBytes
+
+
+@dataclass
+class ProbeBatch:
+    lengths: list  # sequence lengths of the largest batch
+    flat: bool  # padding-free: one row with position_ids restarting per sequence
+
+
+def make_batch(spec: ProbeBatch, vocab_size: int, device, seed: int = 0) -> dict:
+    """Random-token batch of ``spec``'s shape; its own generator leaves the global RNG untouched."""
+    import torch
+
+    from ..collate import boundaries_from_lengths
+
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(spec.lengths)
+    if spec.flat:
+        ids = torch.randint(0, vocab_size, (1, total), generator=generator)
+        positions = torch.cat([torch.arange(n) for n in spec.lengths]).unsqueeze(0)
+        labels = ids.clone()
+        starts = boundaries_from_lengths(spec.lengths)["cu_seq_lens_q"][:-1].long()
+        labels[0, starts] = -100
+        batch = {"input_ids": ids, "position_ids": positions, "labels": labels}
+        batch.update(boundaries_from_lengths(spec.lengths))
+    else:
+        rows, width = len(spec.lengths), max(spec.lengths)
+        ids = torch.randint(0, vocab_size, (rows, width), generator=generator)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+@dataclass
+class RestorePoint:
+    """Everything a probe step may touch, to put back exactly.
+
+    Hooks and flags that transformers installs on a model's first forward (the output-capturing
+    hooks of MoE routers, say) are left in place: the first real forward must find the model
+    as a first forward leaves it, or transformers believes them installed while they are gone.
+    """
+
+    grads: list
+    buffers: list
+    training: list
+    checkpointing: list
+    rng: dict
+
+    @classmethod
+    def take(cls, model) -> "RestorePoint":
+        import torch
+
+        grads = [(p, p.grad) for p in model.parameters()]
+        buffers = []
+        for module in model.modules():
+            buffers.append((module, dict(module._buffers),
+                            {k: v.detach().clone() for k, v in module._buffers.items() if v is not None}))
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        try:
+            import numpy
+
+            rng["numpy"] = numpy.random.get_state()
+        except ImportError:  # pragma: no cover
+            pass
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return cls(grads, buffers, [(m, m.training) for m in model.modules()], snapshot_checkpointing(model), rng)
+
+    def restore(self) -> None:
+        import torch
+
+        for param, grad in self.grads:
+            param.grad = grad
+        with torch.no_grad():
+            for module, refs, values in self.buffers:
+                module._buffers.update(refs)  # buffers a first forward adds stay, like its hooks
+                for name, value in values.items():
+                    refs[name].copy_(value)
+        for module, training in self.training:
+            module.training = training
+        restore_checkpointing(self.checkpointing)
+        torch.set_rng_state(self.rng["torch"])
+        random.setstate(self.rng["python"])
+        if "numpy" in self.rng:
+            import numpy
+
+            numpy.random.set_state(self.rng["numpy"])
+        if "cuda" in self.rng:
+            torch.cuda.set_rng_state_all(self.rng["cuda"])
+
+
+def autocast_for(device, mixed: Optional[str]):
+    import torch
+
+    if mixed is None:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def predicted_peak(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
+                   limit: Optional[int], loss_fn: Optional[Callable] = None, measure_fn: Optional[Callable] = None) -> int:
+    """Peak bytes of a step on ``spec``'s batch, from two small probes: one and two copies of its longest sequence.
+
+    A step's memory grows by the same amount with each further sequence of the same length (its
+    activations, the attention's per-sequence work, the logits' rows), on top of what does not grow
+    (weights, gradients): two small steps give both parts, so the full batch never has to be
+    allocated to know whether it fits — the probe itself stays far below the memory it predicts, and
+    costs a fraction of a full step. Batches of one or two sequences are measured as they are.
+    ``limit`` bounds the small probes (a simulated out-of-memory error past it, on a CPU); whether the
+    predicted peak fits is the caller's decision.
+    """
+    measure_fn = measure_fn or measure
+    count = len(spec.lengths)
+    if count <= 2:
+        return measure_fn(model, spec, policy, kwargs, mixed, limit, loss_fn=loss_fn)
+    longest = max(spec.lengths)
+    one = measure_fn(model, ProbeBatch([longest], spec.flat), policy, kwargs, mixed, limit, loss_fn=loss_fn)
+    two = measure_fn(model, ProbeBatch([longest] * 2, spec.flat), policy, kwargs, mixed, limit, loss_fn=loss_fn)
+    return two + max(0, two - one) * (count - 2)
+
+
+def model_loss(model, batch: dict):
+    """The loss of a plain forward (when no trainer's own loss is given)."""
+    outputs = model(**batch, use_cache=False)
+    return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+
+
+def run_probe(model, batch: dict, policy: str, kwargs: Optional[dict], mixed: Optional[str],
+              loss_fn: Optional[Callable] = None) -> None:
+    """One forward+backward of ``batch`` under ``policy`` (the model's checkpointing set for it).
+
+    ``loss_fn(model, batch)`` is the trainer's own loss (TRL's fused LM head, say): the probe must
+    allocate what a training step allocates, not what a plain forward with full logits would.
+    """
+    install(model, policy, kwargs)
+    model.train()
+    for param in model.parameters():
+        param.grad = None
+    with autocast_for(batch["input_ids"].device, mixed):
+        loss = (loss_fn or model_loss)(model, batch)
+    loss.backward()
+
+
+def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
+            limit: Optional[int], step: Optional[Callable] = None, loss_fn: Optional[Callable] = None) -> int:
+    """Peak bytes of one step under ``policy``; the model, grads and RNG are restored afterwards.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the live
+    tensor bytes counted by ``_LiveBytes`` (raising a simulated out-of-memory error past ``limit``).
+    """
+    import torch
+
+    step = step or run_probe
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    vocab = model.get_input_embeddings().num_embeddings
+    point = RestorePoint.take(model)
+    try:
+        batch = make_batch(spec, vocab, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step(model, batch, policy, kwargs, mixed, loss_fn)
+            torch.cuda.synchronize(device)
+            return int(torch.cuda.max_memory_allocated(device))
+        tracker = LiveBytes(limit)
+        for tensor in [*params, *model.buffers(), *(p.grad for p in params if p.grad is not None),
+                       *(v for v in batch.values() if isinstance(v, torch.Tensor))]:
+            tracker.track(tensor)
+        tracker.check()
+        with tracker.measuring():
+            step(model, batch, policy, kwargs, mixed, loss_fn)
+        tracker.check()
+        return tracker.peak
+    finally:
+        batch = None
+        point.restore()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

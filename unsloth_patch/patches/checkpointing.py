@@ -18,7 +18,7 @@ from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
 from .config_fields import was_explicit
-from .trainer_facts import base_model
+from .trainer_facts import base_model, dataset_lengths, max_length_of
 from .training_edits import train_collator
 
 _ATTRIBUTE = "_unsloth_patch_checkpointing"
@@ -118,11 +118,11 @@ def probe_spec(trainer):
     """The largest batch this run can produce: lengths of its sequences, flat or padded."""
     args = trainer.args
     batch_size = int(getattr(trainer, "_train_batch_size", None) or args.per_device_train_batch_size)
-    max_length = getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
+    max_length = max_length_of(args)
     packing = bool(getattr(args, "packing", False))
     flat = isinstance(train_collator(trainer), PaddingFreeCollator) or bool(getattr(args, "padding_free", False)) \
         or packing
-    lengths = None if packing else _dataset_lengths(trainer.train_dataset)
+    lengths = None if packing else dataset_lengths(trainer.train_dataset)
     if lengths:
         if max_length:
             lengths = [min(n, int(max_length)) for n in lengths]
@@ -134,16 +134,6 @@ def probe_spec(trainer):
     if not flat:
         lengths = [max(lengths)] * len(lengths)
     return policy.ProbeBatch(lengths=lengths, flat=flat)
-
-
-def _dataset_lengths(dataset):
-    try:
-        import pyarrow.compute as pc
-
-        column = dataset.data.column("input_ids")
-        return [int(n) for n in pc.list_value_length(column).to_pylist()]
-    except Exception:
-        return None
 
 
 def _mixed(args):

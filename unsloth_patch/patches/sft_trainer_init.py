@@ -21,7 +21,8 @@ from ..errors import UnslothPatchError
 from ..settings import current
 from . import training_edits
 from .config_fields import carry_explicit, mark_explicit, was_explicit
-from .trainer_facts import base_model as _base_model, boundary_packer, gather_facts
+from .trainer_facts import base_model as _base_model, boundary_packer, dataset_lengths, gather_facts, max_length_of
+
 
 def handle_sft_trainer_init(proceed, instance, args, kwargs):
     settings = current()
@@ -32,9 +33,8 @@ def handle_sft_trainer_init(proceed, instance, args, kwargs):
     warmup.start(bound.get("model"), config, settings)  # compiles while TRL prepares the dataset
     explicit_padding_free = _explicit_padding_free(config)
     packer = _packer(config, settings)
-    packing = packer is not None
     before = Edits()
-    if explicit_padding_free and not packing and hasattr(config, "padding_free") and settings.padding_free != "off":
+    if explicit_padding_free and packer is None and hasattr(config, "padding_free") and settings.padding_free != "off":
         # TRL's own padding-free skips truncation (or refuses max_length); we flatten after TRL's
         # padded-path truncation instead, so every example is cut exactly as in the padded run.
         before.setattr(config, "padding_free", False)
@@ -143,22 +143,13 @@ def prepare(trainer, plan: planning.Plan, settings) -> None:
         _log_truncation(trainer)
 
 
-def _max_length(args):
-    return getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
-
-
-def _lengths(dataset):
-    column = dataset.data.column("input_ids")
-    import pyarrow.compute as pc
-
-    return [int(n) for n in pc.list_value_length(column).to_pylist()]
-
-
 def _pack(trainer):
     """The training examples in rows of at most ``max_length`` tokens (best-fit decreasing)."""
     examples = trainer.train_dataset
-    lengths = _lengths(examples)
-    capacity = int(_max_length(trainer.args) or max(lengths))
+    lengths = dataset_lengths(examples)
+    if lengths is None:
+        raise ValueError(f"packing needs a tokenized training dataset, got {type(examples).__name__}")
+    capacity = int(max_length_of(trainer.args) or max(lengths))
     rows = packing.best_fit_decreasing(lengths, capacity)
     if getattr(trainer.args, "remove_unused_columns", True):
         examples = trainer._remove_unused_columns(examples, description="training")
@@ -170,12 +161,11 @@ def _pack(trainer):
 
 
 def _trl_packing_efficiency(trainer):
-    try:
-        lengths = _lengths(trainer.train_dataset)
-        capacity = int(_max_length(trainer.args) or max(lengths))
-        return sum(lengths) / (len(lengths) * capacity)
-    except Exception:
+    lengths = dataset_lengths(trainer.train_dataset)
+    if not lengths:
         return None
+    capacity = int(max_length_of(trainer.args) or max(lengths))
+    return sum(lengths) / (len(lengths) * capacity)
 
 
 def _forward_takes_boundaries(model) -> bool:
@@ -206,17 +196,11 @@ def _counts_first_labels(trainer) -> bool:
 
 
 def _log_truncation(trainer) -> None:
-    max_length = getattr(trainer.args, "max_length", None) or getattr(trainer.args, "max_seq_length", None)
-    dataset = trainer.train_dataset
-    if not max_length or dataset is None or not hasattr(dataset, "data"):
+    max_length = max_length_of(trainer.args)
+    lengths = dataset_lengths(trainer.train_dataset) if max_length else None
+    if not lengths:
         return
-    try:
-        import pyarrow.compute as pc
-
-        column = dataset.data.column("input_ids")
-        at_limit = int(pc.sum(pc.greater_equal(pc.list_value_length(column), max_length)).as_py() or 0)
-    except Exception:
-        return
-    log.once(("truncated", id(dataset)), logging.INFO,
+    at_limit = sum(n >= max_length for n in lengths)
+    log.once(("truncated", id(trainer.train_dataset)), logging.INFO,
              "%d of %d training examples are at max_length=%d (truncated exactly as the padded run)",
-             at_limit, len(dataset), max_length)
+             at_limit, len(lengths), max_length)

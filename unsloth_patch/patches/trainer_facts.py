@@ -188,3 +188,19 @@ def boundary_packer(config_cls) -> bool:
     fields = {f.name: f for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else {}
     strategy = fields.get("packing_strategy")
     return strategy is not None and strategy.default in PACKING_PADDING_FREE and at_least("trl", "0.20")
+
+
+def max_length_of(args):
+    """The run's length limit, whichever TRL spells it (``max_length``, or ``max_seq_length`` before 0.16)."""
+    return getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
+
+
+def dataset_lengths(dataset):
+    """Token count of every example of a tokenized ``datasets.Dataset`` (None when it is not one)."""
+    try:
+        import pyarrow.compute as pc
+
+        column = dataset.data.column("input_ids")
+        return [int(n) for n in pc.list_value_length(column).to_pylist()]
+    except Exception:
+        return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from .. import fallback, log, startup, warmup
 from ..edits import Edits
@@ -41,30 +42,42 @@ def plan_of(trainer):
     return getattr(trainer, PLAN_ATTRIBUTE, None)
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What the training dataloader gets instead of the trainer's own collator (and dataset)."""
+
+    wrapped: object  # the trainer's collator this was built from: if the user replaces it, ours steps aside
+    collator: object  # the padding-free collator (behind a RowCollator when our packer runs)
+    rows: object = None  # our packer's rows of the training examples
+    examples: object = None  # the per-example dataset the rows index
+
+
 def install_collator(trainer, wrapped, train_collator, rows=None) -> None:
     """Serve ``train_collator`` (and the packed ``rows``, if any) to the training dataloader while
     the trainer's collator is ``wrapped``."""
-    _set(trainer, COLLATOR_ATTRIBUTE, (wrapped, train_collator, rows, trainer.train_dataset))
+    _set(trainer, COLLATOR_ATTRIBUTE, TrainingData(wrapped, train_collator, rows, trainer.train_dataset))
 
 
 def uninstall_collator(trainer) -> None:
     trainer.__dict__.pop(COLLATOR_ATTRIBUTE, None)
 
 
+def _training_data(trainer):
+    entry = getattr(trainer, COLLATOR_ATTRIBUTE, None)
+    return entry if entry is not None and trainer.data_collator is entry.wrapped else None
+
+
 def train_collator(trainer):
     """The collator the training dataloader uses (ours, or the trainer's own)."""
-    entry = getattr(trainer, COLLATOR_ATTRIBUTE, None)
-    if entry is not None and trainer.data_collator is entry[0]:
-        return entry[1]
-    return trainer.data_collator
+    entry = _training_data(trainer)
+    return entry.collator if entry is not None else trainer.data_collator
 
 
 def train_rows(trainer):
     """The packed training rows our packer made, while the trainer's dataset is still the one packed."""
-    entry = getattr(trainer, COLLATOR_ATTRIBUTE, None)
-    if entry is not None and trainer.data_collator is entry[0] and entry[2] is not None \
-            and trainer.train_dataset is entry[3]:
-        return entry[2]
+    entry = _training_data(trainer)
+    if entry is not None and entry.rows is not None and trainer.train_dataset is entry.examples:
+        return entry.rows
     return None
 
 

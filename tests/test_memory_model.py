@@ -31,8 +31,12 @@ def _trainer(tokenizer, dataset, tmp_path, **config):
     if "bf16" in config_fields(SFTConfig):
         values["bf16"] = False
     values.update(config)
-    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=96, seed=0)
-    return sft_trainer(model, tokenizer, dataset, sft_config(tmp_path, **values))
+    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, seed=0)
+    config = sft_config(tmp_path, **values)
+    for name in wiring.FLAG_FIELDS:  # checkpointing on as TRL >= 0.24's default has it (not passed by the user)
+        if hasattr(config, name):
+            object.__setattr__(config, name, True)
+    return sft_trainer(model, tokenizer, dataset, config)
 
 
 def _whole_train_peak(trainer) -> int:
@@ -53,8 +57,6 @@ def test_predicted_peak_is_within_five_percent_of_the_whole_runs_peak(chosen, op
     if chosen == "selective" and not policy.selective_available():
         pytest.skip("no selective activation checkpointing in this torch")
     use_settings(memory_budget_gb=8.0)
-    monkeypatch.setattr(wiring, "explicit_reason", lambda args: None)  # checkpointing is TRL's default here
-    monkeypatch.setattr(wiring, "checkpointing_on", lambda args: True)
     real_choose = policy.choose
 
     def choose_this(candidates, measure, budget, extra=0):
@@ -72,12 +74,23 @@ def test_predicted_peak_is_within_five_percent_of_the_whole_runs_peak(chosen, op
     assert abs(predicted - measured) <= 0.05 * measured, (chosen, optim, predicted, measured)
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded"])
+def test_two_small_steps_predict_the_full_batchs_peak(flat, tokenizer, dataset, tmp_path):
+    trainer = _trainer(tokenizer, dataset, tmp_path)
+    spec = policy.ProbeBatch([32] * 8, flat=flat)
+    for name in policy.POLICIES:
+        loss = wiring.trainer_loss(trainer)
+        direct = policy.measure(trainer.model, spec, name, {}, None, None, loss_fn=loss)
+        predicted = policy.predicted_peak(trainer.model, spec, name, {}, None, None, loss_fn=loss)
+        assert abs(predicted - direct) <= 0.05 * direct, (name, predicted, direct)
+
+
 def test_the_probe_stays_under_its_prediction_and_leaves_nothing_allocated(tokenizer, dataset, tmp_path):
     import gc
 
     trainer = _trainer(tokenizer, dataset, tmp_path)
     model = trainer.model
-    spec = policy.ProbeBatch([32] * 4, flat=True)
+    spec = policy.ProbeBatch([32] * 8, flat=True)
     gc.collect()
     tracker = policy._LiveBytes()
     for tensor in [*model.parameters(), *model.buffers()]:

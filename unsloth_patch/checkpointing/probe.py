@@ -115,24 +115,30 @@ def autocast_for(device, mixed: Optional[str]):
 
 def predicted_peak(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
                    limit: Optional[int], loss_fn: Optional[Callable] = None, measure_fn: Optional[Callable] = None) -> int:
-    """Peak bytes of a step on ``spec``'s batch, from two small probes: one and two copies of its longest sequence.
+    """Peak bytes of a step on ``spec``'s batch, from two smaller steps: a quarter and half as many sequences.
 
-    A step's memory grows by the same amount with each further sequence of the same length (its
-    activations, the attention's per-sequence work, the logits' rows), on top of what does not grow
-    (weights, gradients): two small steps give both parts, so the full batch never has to be
-    allocated to know whether it fits — the probe itself stays far below the memory it predicts, and
-    costs a fraction of a full step. Batches of one or two sequences are measured as they are.
-    ``limit`` bounds the small probes (a simulated out-of-memory error past it, on a CPU); whether the
-    predicted peak fits is the caller's decision.
+    Past the first sequence or two, a step's memory grows by the same amount with each further
+    sequence of the same length (its activations, the attention's per-sequence work, its rows of
+    logits) on top of what does not grow (weights, gradients): steps of ``n/4`` and ``n/2`` copies of
+    the longest sequence give both parts, so the full batch of ``n`` never has to be allocated to
+    know whether it fits — the probe's own memory stays at about half of what it predicts. (With
+    one or two sequences another part of the step can dominate, so they are not used to extrapolate;
+    batches of up to four sequences are measured as they are.) ``limit`` bounds the steps (a
+    simulated out-of-memory error past it, on a CPU); whether the predicted peak fits is the
+    caller's decision.
     """
     measure_fn = measure_fn or measure
     count = len(spec.lengths)
-    if count <= 2:
+    if count <= 4:
         return measure_fn(model, spec, policy, kwargs, mixed, limit, loss_fn=loss_fn)
     longest = max(spec.lengths)
-    one = measure_fn(model, ProbeBatch([longest], spec.flat), policy, kwargs, mixed, limit, loss_fn=loss_fn)
-    two = measure_fn(model, ProbeBatch([longest] * 2, spec.flat), policy, kwargs, mixed, limit, loss_fn=loss_fn)
-    return two + max(0, two - one) * (count - 2)
+    small, large = count // 4, count // 2
+    at_small = measure_fn(model, ProbeBatch([longest] * small, spec.flat), policy, kwargs, mixed, limit,
+                          loss_fn=loss_fn)
+    at_large = measure_fn(model, ProbeBatch([longest] * large, spec.flat), policy, kwargs, mixed, limit,
+                          loss_fn=loss_fn)
+    per_sequence = max(0, at_large - at_small) / (large - small)
+    return int(at_large + per_sequence * (count - large))
 
 
 def model_loss(model, batch: dict):

@@ -153,7 +153,7 @@ def test_optimizer_state_model_is_exact_for_the_optimizers_transformers_builds(o
     held = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
                if isinstance(t, torch.Tensor))
     predicted = policy.optimizer_state_bytes([(tuple(p.shape), p.element_size()) for p in model.parameters()],
-                                             optim, optim_args)
+                                             optim, kwargs)
     assert abs(predicted - held) <= 0.001 * max(held, 1) + 64, (optim, predicted, held)
 
 

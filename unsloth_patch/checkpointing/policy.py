@@ -138,18 +138,19 @@ def budget_for(card_bytes: Optional[int], env_budget_gb: Optional[float], availa
     return usable - margin
 
 
-def optimizer_state_bytes(parameters, optim, optim_args: str = "") -> int:
+def optimizer_state_bytes(parameters, optim, optimizer_kwargs: Optional[dict] = None) -> int:
     """Memory the optimizer will hold once it has stepped (not there at train start, so not probed).
 
-    ``parameters``: ``(shape, element size)`` of each trainable parameter. Per optimizer family, the
-    state torch/transformers/bitsandbytes create for a parameter:
+    ``parameters``: ``(shape, element size)`` of each trainable parameter; ``optimizer_kwargs``: what
+    the optimizer is constructed with (``Trainer.get_optimizer_cls_and_kwargs``). Per optimizer family,
+    the state torch/transformers/bitsandbytes create for a parameter:
     Adam-style: two moments of the parameter's dtype (plus a scalar step); SGD: a momentum buffer only
     with ``momentum`` > 0; Lion/RMSprop/Adagrad: one buffer; Adafactor (transformers'): fp32 row and
     column second-moment factors for matrices, a full fp32 one otherwise; 8-bit optimizers: two
     one-byte moments plus their block statistics. Unknown optimizers count as Adam-style.
     """
     name = str(getattr(optim, "value", optim) or "").lower()
-    arguments = _optim_arguments(optim_args)
+    arguments = optimizer_kwargs or {}
     total = 0
     for shape, element_size in parameters:
         numel = 1
@@ -172,13 +173,3 @@ def optimizer_state_bytes(parameters, optim, optim_args: str = "") -> int:
         else:
             total += 2 * numel * element_size + 4  # Adam-style, and its step count
     return total
-
-
-def _optim_arguments(text: str) -> dict:
-    """transformers' ``optim_args`` string ("momentum=0.9,nesterov=True") as a dict."""
-    out = {}
-    for part in (text or "").replace(" ", "").split(","):
-        if "=" in part:
-            key, value = part.split("=", 1)
-            out[key] = value
-    return out

@@ -164,12 +164,26 @@ def extra_bytes(trainer) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     nbytes = sum(p.numel() * p.element_size() for p in trainable)
     extra = policy.optimizer_state_bytes([(tuple(p.shape), p.element_size()) for p in trainable],
-                                         getattr(trainer.args, "optim", "adamw_torch"),
-                                         getattr(trainer.args, "optim_args", None) or "")
+                                         getattr(trainer.args, "optim", "adamw_torch"), _optimizer_kwargs(trainer))
     world = int(getattr(trainer.args, "world_size", 1) or 1)
     if world > 1 and not getattr(trainer, "is_fsdp_enabled", False):
         extra += nbytes  # DDP's gradient buckets
     return extra
+
+
+def _optimizer_kwargs(trainer) -> dict:
+    """What transformers will construct the optimizer with (momentum, betas, ...), or {} when unknown."""
+    getter = getattr(type(trainer), "get_optimizer_cls_and_kwargs", None)
+    if getter is None:
+        return {}
+    for call in (lambda: getter(trainer.args, _model(trainer)), lambda: getter(trainer.args)):
+        try:
+            return dict(call()[1])
+        except TypeError:
+            continue
+        except Exception:
+            return {}
+    return {}
 
 
 def decide(trainer, settings) -> policy.Decision:

@@ -7,6 +7,7 @@ import inspect
 import logging
 
 import pytest
+from packaging.version import Version
 
 import unsloth_patch
 from unsloth_patch import log, registry
@@ -25,6 +26,7 @@ pytest.importorskip("datasets")
 
 from transformers import TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
+from .helpers import TRL  # noqa: E402
 
 MAX_LEN = 48
 DATASET_KWARGS = {"add_special_tokens": False}
@@ -294,6 +296,8 @@ def test_one_warning_per_translation(parts, tmp_path, plugin_log):
     assert len(messages) == len(expected), messages
 
 
+@pytest.mark.skipif(TRL < Version("0.12"), reason="TRL 0.11 needs dataset_text_field at the trainer level with a "
+                    "TrainingArguments: a moved argument, covered by the tests of moves")
 def test_training_arguments_that_trl_accepts_convert_without_a_warning(parts, tmp_path, plugin_log):
     tok, model, data = parts
     training_args = TrainingArguments(**_common(tmp_path))
@@ -305,6 +309,8 @@ def test_training_arguments_that_trl_accepts_convert_without_a_warning(parts, tm
     assert "padding_free" not in recorded and "gradient_checkpointing" not in recorded
 
 
+@pytest.mark.skipif(TRL < Version("0.12"), reason="TRL 0.11 needs dataset_text_field at the trainer level with a "
+                    "TrainingArguments: a moved argument, covered by the tests of moves")
 def test_trls_own_conversion_keeps_what_the_user_passed(parts, tmp_path):
     tok, model, data = parts
     training_args = TrainingArguments(**_common(tmp_path))

@@ -71,9 +71,9 @@ RMSNORM, GATED_MLP = "fused RMSNorm", "fused gated MLP"
 def _rmsnorm_forward(self, hidden_states):
     if not (_runs_here(hidden_states) and fallback.enabled(RMSNORM)):
         return type(self).forward(self, hidden_states)
-    from .kernels.rmsnorm import rms_norm
-
     try:
+        from .kernels.rmsnorm import rms_norm
+
         return rms_norm(hidden_states, self.weight, self._unsloth_eps, self._unsloth_offset)
     except Exception as exc:
         if fallback.is_out_of_memory(exc):
@@ -83,13 +83,13 @@ def _rmsnorm_forward(self, hidden_states):
 
 
 def _gated_mlp_forward(self, x):
-    from .kernels.swiglu import gated_activation
-
     gate = self.gate_proj(x)
     up = self.up_proj(x)
     if not (_runs_here(gate) and fallback.enabled(GATED_MLP)) or gate.shape != up.shape:
         return self.down_proj(self.act_fn(gate) * up)
     try:
+        from .kernels.swiglu import gated_activation
+
         hidden = gated_activation(gate, up, self._unsloth_activation)
     except Exception as exc:
         if fallback.is_out_of_memory(exc):

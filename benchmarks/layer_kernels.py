@@ -1,8 +1,8 @@
 """GPU check and benchmark of the fused RMSNorm / SwiGLU / GeGLU kernels and of their wiring.
 
-    python benchmarks/kernels.py                 # everything, printed as markdown tables
-    python benchmarks/kernels.py --json OUT.json # also write the numbers
-    python benchmarks/kernels.py --skip-model    # kernels only
+    python benchmarks/layer_kernels.py                 # everything, printed as markdown tables
+    python benchmarks/layer_kernels.py --json OUT.json # also write the numbers
+    python benchmarks/layer_kernels.py --skip-model    # kernels only
 
 1. Correctness in bf16: forward and gradients of each kernel against an fp32 PyTorch reference
    on the same inputs (relative error ``||ours - ref|| / ||ref||``, must be <= 1e-2), next to

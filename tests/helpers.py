@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ def sft_config(tmp_path, **overrides):
         report_to="none", save_strategy="no", learning_rate=1e-3, seed=0, dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    values["use_cpu" if "use_cpu" in fields else "no_cuda"] = True
+    if os.environ.get("TESTS_ON_GPU") != "1":  # TESTS_ON_GPU=1: the same tests on a GPU machine's CUDA path
+        values["use_cpu" if "use_cpu" in fields else "no_cuda"] = True
     if "max_length" in overrides and "max_length" not in fields:
         overrides["max_seq_length"] = overrides.pop("max_length")
     if "dataset_text_field" in fields and "dataset_text_field" not in overrides:

@@ -37,7 +37,7 @@ def _stock_copy(tokenizer, model):
     """A model the plugin never touched, holding ``model``'s current weights."""
     copy = _model(tokenizer, seed=1)
     copy.load_state_dict(model.state_dict())
-    return copy.eval()
+    return copy.to(model.device).eval()
 
 
 def _generate(model, tokenizer, prompts, use_cache):

@@ -427,3 +427,15 @@ def test_bfd_packing_gets_boundaries_and_is_never_flattened_twice(tokenizer, dat
             assert abs(a - b) <= 1e-4 * abs(a)
     else:  # TRL 0.21-0.23 drop position_ids on sdpa, so the stock run attends across packed sequences
         assert TRL < Version("0.24") and len(losses(ours)) == len(losses(packed))
+
+
+def test_boundaries_from_positions_stay_on_the_positions_device():
+    """On a GPU the positions live on CUDA: nothing built from them may land on another device
+    (a CPU tensor there broke generate() inside training on an H200)."""
+    from unsloth_patch.collate import lengths_from_position_ids
+
+    positions = torch.tensor([[3, 4, 0, 1, 2, 0, 1]])  # a row that starts mid-sequence
+    with torch.device("meta"):  # tensors made without an explicit device would land here
+        lengths = lengths_from_position_ids(positions)
+    assert lengths.device == positions.device
+    assert lengths.tolist() == [2, 3, 2]

@@ -38,8 +38,8 @@ def lengths_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0, as_tuple=False).flatten()
     if starts.numel() == 0 or int(starts[0]) != 0:
-        starts = torch.cat([torch.zeros(1, dtype=starts.dtype), starts])
-    ends = torch.cat([starts[1:], torch.tensor([flat.numel()], dtype=starts.dtype)])
+        starts = torch.cat([starts.new_zeros(1), starts])
+    ends = torch.cat([starts[1:], starts.new_full((1,), flat.numel())])  # on the positions' device (a GPU)
     return (ends - starts).to(torch.int32)
 
 

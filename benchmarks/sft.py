@@ -395,18 +395,24 @@ def report(results: pathlib.Path, markdown, png) -> str:
     lines = []
     for model, by_name in runs.items():
         cold = {k: v["cold"] for k, v in by_name.items() if "cold" in v and "error" not in v["cold"]}
-        stock = cold.get("stock")
-        peers = {k: v for k, v in cold.items() if k in PEERS}
-        best_peer = max(peers.values(), key=lambda v: v["tokens_per_s_steady"] or 0) if peers else None
-        some = next(iter(cold.values()), None)
+        stocks = {k: cold.get(k) for k in ("stock", "stock_lora", "stock_qlora")}
+        best_peers = {}  # per fine-tuning kind (full, LoRA, QLoRA): the fastest peer in steady state
+        for k, v in cold.items():
+            if k in PEERS:
+                best = best_peers.get(_kind(k))
+                if best is None or (v["tokens_per_s_steady"] or 0) > (best["tokens_per_s_steady"] or 0):
+                    best_peers[_kind(k)] = v
+        # the header's parameter count: a full-precision, adapter-free row (QLoRA packs 4-bit weights)
+        some = cold.get("stock") or next((v for k, v in cold.items() if CONFIGS[k].quant is None
+                                          and CONFIGS[k].adapter is None), next(iter(cold.values()), None))
         if some:
             date = f"{some['date']}, " if some.get("date") else ""
             lines.append(f"### {model} ({some['params'] / 1e9:.2f}B parameters) — {some['card']}, "
                          f"{date}torch {some['versions']['torch']}, transformers "
                          f"{some['versions']['transformers']}, TRL {some['versions']['trl']}\n")
         lines.append("| configuration | whole-run tok/s, cold | whole-run tok/s, warm | steady tok/s | "
-                     "x stock (cold) | x stock (steady) | "
-                     f"x best peer{' (' + best_peer['config'] + ')' if best_peer else ''} (steady) | "
+                     "x stock (cold) | x stock (steady) | "  # against the matching stock row
+                     "x best peer of its kind (steady) | "
                      "start-up s | tok/s by train_runtime | peak GiB | final loss | max rel. loss diff vs stock |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name in CONFIGS:
@@ -421,13 +427,17 @@ def report(results: pathlib.Path, markdown, png) -> str:
             warm_text = f"{warm['tokens_per_s_whole']:,.0f}" if warm and "error" not in warm else ""
             whole, steady = r["tokens_per_s_whole"], r["tokens_per_s_steady"] or 0
             diff = ""
-            if stock and r["losses"] and "packing" not in name and CONFIGS[name].adapter is None:
+            stock = stocks[matching_stock(name)]
+            if stock and r["losses"] and "packing" not in name and (CONFIGS[name].loader != "unsloth"
+                                                                     or name == "unsloth"):
                 pairs = list(zip(stock["losses"], r["losses"]))
                 diff = f"{max(abs(a - b) / abs(a) for a, b in pairs):.2%}" if pairs else ""
             label = f"{name} (median of {r['runs']})" if r.get("runs", 1) > 1 else name
             vs_stock = (f"{whole / stock['tokens_per_s_whole']:.2f}x | {steady / stock['tokens_per_s_steady']:.2f}x"
                         if stock else " | ")
-            vs_peer = f"{steady / best_peer['tokens_per_s_steady']:.2f}x" if best_peer else ""
+            best_peer = best_peers.get(_kind(name))
+            vs_peer = (f"{steady / best_peer['tokens_per_s_steady']:.2f}x ({best_peer['config']})"
+                       if best_peer and best_peer is not r else "")
             peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
             startup = "" if r.get("startup_s") is None else f"{r['startup_s']:.1f}"
             lines.append(f"| {label} | {whole:,.0f} | {warm_text} | {steady:,.0f} | {vs_stock} | {vs_peer} | "
@@ -440,6 +450,19 @@ def report(results: pathlib.Path, markdown, png) -> str:
     if png:
         _plot({m: {n: p["cold"] for n, p in by.items() if "cold" in p} for m, by in runs.items()}, png)
     return text
+
+
+def _kind(name: str) -> tuple:
+    config = CONFIGS[name]
+    return config.adapter, config.quant
+
+
+def matching_stock(name: str) -> str:
+    """The stock TRL row a configuration is compared with: the same fine-tuning kind (full, LoRA, QLoRA)."""
+    config = CONFIGS[name]
+    if config.quant == "nf4":
+        return "stock_qlora"
+    return "stock_lora" if config.adapter == "lora" else "stock"
 
 
 def _normalized(r: dict) -> dict:

@@ -24,10 +24,11 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 # First match wins; patterns are searched in lower-cased kernel names.
 CLASSES = (
-    ("attention backward", r"_bwd_|flash_bwd|attention_backward|efficient_attention_backward|fmha.*bwd|dq_|dkdv"),
+    ("attention backward", r"_bwd_|flash_bwd|attention_backward|efficient_attention_backward|fmha.*bwd|dq_|dkdv|"
+                           r"sdpa.*bprop"),  # cuDNN's SDPA backward is "..._sdpa_..._flash_bprop_..."
     ("attention forward", r"_fwd_kernel|flash_fwd|attention_forward|efficient_attention_forward|fmha|sdpa"),
     ("optimizer", r"adam|multi_tensor|foreach|lion|sgd|fused_adamw"),
-    ("loss", r"cross_entropy|log_softmax|nll_loss|logsumexp|chunked_logprob|softmax_backward"),
+    ("loss", r"cross_entropy|log_softmax|logsoftmax|nll_loss|logsumexp|chunked_logprob|softmax"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|matmul|_mm_|ampere_|hopper"),
     ("norm", r"rms|layer_norm|_norm_|rsqrt"),
     ("activation", r"_gated_|silu|gelu|swiglu|geglu|sigmoid"),

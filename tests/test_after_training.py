@@ -105,7 +105,21 @@ def _metrics(prediction):
     return {"accuracy": float((guesses[keep] == labels[:, 1:][keep]).mean()), "tokens": int(keep.sum())}
 
 
-def test_predict_and_metrics_after_training_are_stock_shaped(tokenizer, dataset, tmp_path):
+def _predicted(prediction):
+    return prediction.predictions if isinstance(prediction.predictions, tuple) else (prediction.predictions,)
+
+
+# TRL 1.7-1.14 default to loss_type="chunked_nll", whose forward (stock) returns the loss and per-batch
+# token counts but no logits when given labels: predict() there has no [B, L, V] logits to compute
+# metrics on. Its default is checked for stock-shaped predictions, and "nll" (the loss that returns
+# logits) for the logits and the metrics; elsewhere the default loss returns logits.
+@pytest.mark.parametrize("loss_type", [None, "nll"], ids=["default-loss", "nll-loss"])
+def test_predict_and_metrics_after_training_are_stock_shaped(loss_type, tokenizer, dataset, tmp_path):
+    chunked = getattr(sft_config(tmp_path / "defaults"), "loss_type", None) == "chunked_nll"
+    if loss_type is not None and not chunked:
+        pytest.skip("this TRL's default loss returns logits: the default-loss case checks them")
+    with_logits = not (chunked and loss_type is None)
+    extra = {"loss_type": loss_type} if loss_type else {}
     evaluation = text_dataset(tokenizer, limit=10)  # 10 rows, batch 4: a short last batch
     results = {}
     for mode in ("stock", "patched"):
@@ -114,8 +128,8 @@ def test_predict_and_metrics_after_training_are_stock_shaped(tokenizer, dataset,
         try:
             trainer = sft_trainer(_model(tokenizer), tokenizer, dataset,
                                   sft_config(tmp_path / mode, max_length=64, max_steps=3, learning_rate=1e-4,
-                                             per_device_eval_batch_size=4),
-                                  eval_dataset=evaluation, compute_metrics=_metrics)
+                                             per_device_eval_batch_size=4, **extra),
+                                  eval_dataset=evaluation, compute_metrics=_metrics if with_logits else None)
             if mode == "patched":
                 assert isinstance(train_collator(trainer), PaddingFreeCollator)
             trainer.train()
@@ -125,13 +139,13 @@ def test_predict_and_metrics_after_training_are_stock_shaped(tokenizer, dataset,
             if mode == "stock":
                 unsloth_patch.apply()
     (stock, stock_eval, stock_losses), (ours, our_eval, our_losses) = results["stock"], results["patched"]
-    stock_logits = stock.predictions[0] if isinstance(stock.predictions, tuple) else stock.predictions
-    our_logits = ours.predictions[0] if isinstance(ours.predictions, tuple) else ours.predictions
-    assert our_logits.shape == stock_logits.shape and stock_logits.shape[0] == 10
-    assert ours.label_ids.shape == stock.label_ids.shape
+    assert [a.shape for a in _predicted(ours)] == [a.shape for a in _predicted(stock)]
+    assert ours.label_ids.shape == stock.label_ids.shape and stock.label_ids.shape[0] == 10
     assert (ours.label_ids != -100).sum() == (stock.label_ids != -100).sum()
-    assert ours.metrics["test_tokens"] == stock.metrics["test_tokens"]
-    assert abs(ours.metrics["test_accuracy"] - stock.metrics["test_accuracy"]) <= 1e-6
+    if with_logits:
+        assert _predicted(stock)[0].shape[:2] == stock.label_ids.shape  # [B, L, V] logits
+        assert ours.metrics["test_tokens"] == stock.metrics["test_tokens"]
+        assert abs(ours.metrics["test_accuracy"] - stock.metrics["test_accuracy"]) <= 1e-6
     for a, b in zip(stock_losses, our_losses):
         assert abs(a - b) <= 1e-4 * abs(a)
     assert abs(our_eval["eval_loss"] - stock_eval["eval_loss"]) <= 1e-4 * abs(stock_eval["eval_loss"])

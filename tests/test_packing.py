@@ -16,7 +16,7 @@ import torch
 import unsloth_patch
 from unsloth_patch import packing, plan as planning
 from unsloth_patch.collate import LABEL_OFFSET_KEY, boundaries_from_lengths, lengths_from_position_ids
-from unsloth_patch.patches.trainer_facts import boundary_packer
+from unsloth_patch.patches.trainer_facts import base_model, boundary_packer
 from unsloth_patch.tiny import build_model
 
 from .helpers import (config_fields, during_training, losses, plugin_log, sft_config, sft_trainer, text_dataset,
@@ -146,17 +146,23 @@ def test_each_example_in_a_packed_row_gives_its_own_logits_and_loss(adapter, tok
     segments = _segments(batch)
     assert len(segments) >= 3  # really packed: several examples in the step's rows
     model = trainer.model.eval()
+    # Logits come from a forward without labels, the loss from one with them: TRL 1.7-1.14 default to
+    # loss_type="chunked_nll", whose forward (stock) returns the loss but no logits when given labels.
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         with during_training(trainer):
+            # a cache would turn off transformers' packed-sequence isolation (kept on by transformers 4.x)
+            assert not base_model(model).config.use_cache
+            flat_logits = model(**inputs).logits[0]
             out = model(**batch)
-            flat_logits = out.logits[0]
         counted = int((batch["labels"][0, 1:] != IGNORE).sum())
         packed_sum = float(out.loss) * counted
         own_sum = 0.0
         for ids, labels, start, end in segments:
-            own = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
-            assert (flat_logits[start:end] - own.logits[0]).abs().max().item() <= 1e-5
+            own_logits = model(input_ids=torch.tensor([ids])).logits[0]
+            assert (flat_logits[start:end] - own_logits).abs().max().item() <= 1e-5
             n = sum(label != IGNORE for label in labels[1:])
+            own = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
             own_sum += float(own.loss) * n if n else 0.0
     assert abs(packed_sum - own_sum) <= 1e-5 * abs(own_sum)
 

@@ -153,11 +153,16 @@ def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
     model = base_model(trainer.model)
     with startup.phase("fused layers"):
         fuse_model_layers(model, settings, edits)
-    if not (plan.padding_free or plan.boundaries_only):
+    if not (plan.padding_free or plan.boundaries_only or plan.packer):
         return
     if getattr(model.config, "use_cache", False):
-        # a cache during the training forward turns off packed-sequence handling in transformers
+        # A cache during the training forward turns off packed-sequence handling in transformers (its
+        # packed-mask detection needs no cache); so also for TRL's packed rows left as they are: on
+        # transformers 4.x the Trainer leaves config.use_cache on, and a training forward without
+        # use_cache=False would let the rows' examples attend to each other.
         edits.setattr(model.config, "use_cache", False)
+    if not (plan.padding_free or plan.boundaries_only):
+        return
     if plan.attention:
         from .. import plan as planning
         from ..attention.dispatch import set_preference

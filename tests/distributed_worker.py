@@ -282,6 +282,8 @@ def train(trainer, recorder: Recorder) -> dict:
         "wrapper": type(trainer.model_wrapped).__name__,
         "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
         "fallbacks": fallback.failures(),
+        # what accelerate trained with: transformers 4.x takes a leaked ACCELERATE_MIXED_PRECISION over bf16=False
+        "mixed_precision": str(trainer.accelerator.mixed_precision),
     }
 
 

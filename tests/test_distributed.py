@@ -4,7 +4,9 @@ One launch per session (``python -m torch.distributed.run --standalone --nproc_p
 ``CUDA_VISIBLE_DEVICES=""``, so accelerate and transformers pick the CPU and gloo) runs every
 scenario of ``tests/distributed_worker.py`` in both ranks; each rank writes what it saw. The
 single-process reference runs the same scenario functions in this process with the same
-*global* batch (4 sequences per micro-step: 2 per rank under the launch). fp32 throughout.
+*global* batch (4 sequences per micro-step: 2 per rank under the launch). fp32 throughout (checked:
+accelerate's ``mixed_precision`` is ``no`` in every compared run; on transformers 4.x an
+``ACCELERATE_MIXED_PRECISION`` left in the environment would override ``bf16=False``).
 
 What is checked, per rank: the patches applied and the plan; padding-free batches
 (``UNSLOTH_PATCH_PADDING_FREE=on``: on a CPU ``auto`` keeps padded batches) whose sequences,
@@ -200,7 +202,16 @@ def counts(result) -> list:
     return [b["num_items_in_batch"] for b in result["batches"]]
 
 
+def assert_fp32(*results):
+    """The runs trained in fp32, as configured (not under an autocast taken from the environment)."""
+    found = [r["mixed_precision"] for r in results]
+    assert found == ["no"] * len(results), (f"accelerate's mixed precision per run: {found}; these comparisons "
+                                            "are fp32 (transformers 4.x lets ACCELERATE_MIXED_PRECISION in the "
+                                            "environment override bf16=False)")
+
+
 def trained_like_reference(ranks, single):
+    assert_fp32(*ranks, single)
     assert_close(global_step_losses(ranks), step_losses(single), "per-step loss vs the single-process run")
     for r in ranks:
         assert counts(r) == counts(single), "num_items_in_batch differs from the single-process count"
@@ -257,6 +268,7 @@ def test_local_token_counts_give_the_stock_ddp_losses(launched):
         assert all(b["attention_mask"] for b in stock["batches"])
         assert all(b["shape"][0] == 1 and not b["attention_mask"] for b in patched["batches"])
         assert counts(patched) == counts(stock)  # this rank's own count, the padded run's
+        assert_fp32(stock, patched)
         assert_close(step_losses(patched), step_losses(stock), "rank's loss vs stock DDP")
     logged = [global_step_losses([r[name] for r in ranks]) for name in ("patched", "stock")]
     assert_close(*logged, "logged loss vs stock DDP")
@@ -326,6 +338,7 @@ def test_a_probe_failing_in_one_rank_keeps_full_checkpointing_everywhere(launche
         assert r["decision"]["policy"] == "full"
         assert not any(set(b["checkpoint_functions"]) & set(OURS) for b in r["batches"])
         assert len(r["losses"]) == 1
+    assert_fp32(*ranks, reference["ddp"])
     assert_close(global_step_losses(ranks), step_losses(reference["ddp"])[:1], "first step vs single process")
 
 

@@ -294,7 +294,7 @@ def peaks_of(trainer) -> tuple:
     from unsloth_patch.patches.training_edits import active
 
     spec = wiring.probe_spec(trainer)
-    kwargs, mixed, loss = wiring.kwargs_of(trainer.args), wiring._mixed(trainer.args), wiring.trainer_loss(trainer)
+    kwargs, mixed, loss = wiring.kwargs_of(trainer.args), wiring.mixed_precision(trainer), wiring.trainer_loss(trainer)
     with active(trainer):  # the probe runs with the plan's model edits in place, as train() has them
         peaks = {name: policy.predicted_peak(trainer.model, spec, name, kwargs, mixed, None, loss_fn=loss)
                  for name in ("none", "selective")}

@@ -118,6 +118,18 @@ def test_choose_falls_through_an_out_of_memory_candidate():
     assert policy.choose(policy.POLICIES, measure, budget=100) == ("selective", {"none": None, "selective": 10})
 
 
+def test_the_memory_model_extrapolates_each_phase():
+    """A backward phase dominating small steps, a forward phase growing faster: the full batch's peak is the
+    forward phase's, which two whole-step peaks would miss."""
+    def step(n):  # baseline 100; forward: 50 fixed + 200 a sequence; backward: gradients (500) + 400 + 10 a sequence
+        return policy.Step(n, 100, ((150 + 200 * n, 0), (1000 + 10 * n, 500)))
+
+    assert [step(n).peak for n in (2, 4, 8)] == [1020, 1040, 1750]
+    assert policy.extrapolate(step(2), step(4), 8) == 1750
+    different = policy.Step(4, 100, ((1040, 0),))  # phases that do not line up: the whole steps' peaks
+    assert policy.extrapolate(step(2), different, 8) == 1080
+
+
 def test_ranks_agree_on_the_most_conservative_policy():
     index = policy.POLICIES.index
     assert policy.POLICIES[policy.agree([index("none"), index("offload"), index("selective")])] == "offload"

@@ -1,6 +1,6 @@
 """The checkpointing probe's memory model: predicted peak (probe + optimizer state) against the peak of
-the whole ``train()``, measured with the same live-tensor count, for every policy; the probe itself
-stays under what it predicts and leaves nothing allocated.
+the whole ``train()``, measured with the same live-tensor count, for every policy; small steps predict
+a larger one; the probe stays under what it predicts and leaves nothing allocated.
 
 (On a CPU, live tensor bytes stand in for ``torch.cuda.max_memory_allocated``: the same tensors,
 without allocator rounding.)
@@ -8,15 +8,25 @@ without allocator rounding.)
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from unsloth_patch import checkpointing as policy  # noqa: E402
+from unsloth_patch.attention import dispatch  # noqa: E402
 from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
+from unsloth_patch.patches.training_edits import active  # noqa: E402
 from unsloth_patch.tiny import build_model  # noqa: E402
 
 from .helpers import config_fields, sft_config, sft_trainer, text_dataset, use_settings  # noqa: E402,F401
+
+# Sequences of the probe-batch tests: long enough that every fixed-size chunk of the loss paths in the
+# matrix is full already in a quarter of a batch of eight (TRL 0.20-1.0 computes its entropy metric in
+# chunks of 128 logit rows, TRL 1.x its cross-entropy in chunks of 256 tokens), as with real sequences
+# (hundreds of tokens and more). See test_short_sequences_err_on_the_safe_side for shorter ones.
+LENGTH = 160
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +34,22 @@ def dataset(tokenizer):
     return text_dataset(tokenizer, limit=8)
 
 
-def _trainer(tokenizer, dataset, tmp_path, **config):
+def _trainer(tokenizer, dataset, tmp_path, flat=True, peft_config=None, **config):
+    """Checkpointing on as TRL >= 0.24's default has it; padding-free (flat batches) unless ``flat`` is False."""
     from trl import SFTConfig
 
     values = dict(max_length=32, per_device_train_batch_size=4, max_steps=2)
     if "bf16" in config_fields(SFTConfig):
         values["bf16"] = False
+    if flat and "padding_free" in config_fields(SFTConfig):
+        values["padding_free"] = True
     values.update(config)
     model = build_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, seed=0)
     config = sft_config(tmp_path, **values)
     for name in wiring.FLAG_FIELDS:  # checkpointing on as TRL >= 0.24's default has it (not passed by the user)
         if hasattr(config, name):
             object.__setattr__(config, name, True)
-    return sft_trainer(model, tokenizer, dataset, config)
+    return sft_trainer(model, tokenizer, dataset, config, **({"peft_config": peft_config} if peft_config else {}))
 
 
 def _whole_train_peak(trainer) -> int:
@@ -50,58 +63,97 @@ def _whole_train_peak(trainer) -> int:
     return tracker.peak
 
 
+def _only(chosen, monkeypatch):
+    real_choose = policy.choose
+    monkeypatch.setattr(policy, "choose", lambda candidates, *a, **k: real_choose([chosen], *a, **k))
+
+
 @pytest.mark.parametrize("chosen, optim", [("none", "adamw_torch"), ("selective", "adamw_torch"),
                                            ("offload", "adamw_torch"), ("full", "adamw_torch"), ("none", "adafactor")])
 def test_predicted_peak_is_within_five_percent_of_the_whole_runs_peak(chosen, optim, tokenizer, dataset, tmp_path,
                                                                       use_settings, monkeypatch):
     if chosen == "selective" and not policy.selective_available():
         pytest.skip("no selective activation checkpointing in this torch")
-    use_settings(memory_budget_gb=8.0)
-    real_choose = policy.choose
-
-    def choose_this(candidates, measure, budget, extra=0):
-        _, peaks = real_choose([c for c in candidates if c == chosen], measure, budget, extra)
-        return chosen, peaks
-
-    monkeypatch.setattr(policy, "choose", choose_this)
-    trainer = _trainer(tokenizer, dataset, tmp_path, optim=optim, padding_free=True) \
-        if "padding_free" in config_fields(__import__("trl").SFTConfig) else \
-        _trainer(tokenizer, dataset, tmp_path, optim=optim)
+    use_settings(memory_budget_gb=8.0, padding_free="on")
+    _only(chosen, monkeypatch)
+    trainer = _trainer(tokenizer, dataset, tmp_path, optim=optim)
     measured = _whole_train_peak(trainer)
     decision = policy.last_decision()
-    assert decision.policy == chosen and decision.probed
+    assert decision.policy == chosen and decision.probed, decision.summary()
     predicted = decision.peaks[chosen] + decision.extra_bytes
     assert abs(predicted - measured) <= 0.05 * measured, (chosen, optim, predicted, measured)
+    assert decision.probe_peak_bytes <= measured
+
+
+def test_the_probe_runs_under_the_mixed_precision_the_accelerator_trains_with(tokenizer, dataset, tmp_path,
+                                                                              use_settings, monkeypatch):
+    """transformers 4.x exports ACCELERATE_MIXED_PRECISION from any bf16 TrainingArguments to the process: a
+    later bf16=False trainer then trains under bf16 autocast, and the probe must measure that, not its args."""
+    use_settings(memory_budget_gb=8.0, padding_free="on")
+    _only("none", monkeypatch)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    trainer = _trainer(tokenizer, dataset, tmp_path)
+    expected = {"bf16": "bf16", "fp16": "fp16"}.get(str(trainer.accelerator.mixed_precision))
+    assert wiring.mixed_precision(trainer) == expected
+    measured = _whole_train_peak(trainer)
+    decision = policy.last_decision()
+    predicted = decision.peaks["none"] + decision.extra_bytes
+    assert abs(predicted - measured) <= 0.05 * measured, (expected, predicted, measured)
+
+
+def _probe_trainer(tokenizer, dataset, tmp_path, use_settings, flat):
+    use_settings(padding_free="on" if flat else "off")
+    return _trainer(tokenizer, dataset, tmp_path, flat=flat)
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded"])
-def test_two_small_steps_predict_the_full_batchs_peak(flat, tokenizer, dataset, tmp_path):
-    trainer = _trainer(tokenizer, dataset, tmp_path)
+def test_two_small_steps_predict_the_full_batchs_peak(flat, tokenizer, dataset, tmp_path, use_settings):
+    trainer = _probe_trainer(tokenizer, dataset, tmp_path, use_settings, flat)
+    spec = policy.ProbeBatch([LENGTH] * 8, flat=flat)
+    loss = wiring.trainer_loss(trainer)
+    with active(trainer):  # the probe runs with the plan's model edits in place, as train() has them
+        for name in policy.POLICIES:
+            direct = policy.measure(trainer.model, spec, name, {}, None, None, loss_fn=loss)
+            predicted = policy.predicted_peak(trainer.model, spec, name, {}, None, None, loss_fn=loss)
+            assert abs(predicted - direct) <= 0.05 * direct, (name, predicted, direct)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded"])
+def test_short_sequences_err_on_the_safe_side(flat, tokenizer, dataset, tmp_path, use_settings):
+    """Not measurable, hence not held to 5%: with 32-token sequences, TRL 0.20-1.0's 128-row entropy chunks
+    are still filling in the half-batch step (4 x 31 rows) and are full only in the full batch. No step of at
+    most half the batch can see where a chunk stops growing, so the prediction extrapolates the chunk's
+    growth and comes out high (by 10-25% on those versions), never low."""
+    trainer = _probe_trainer(tokenizer, dataset, tmp_path, use_settings, flat)
     spec = policy.ProbeBatch([32] * 8, flat=flat)
-    for name in policy.POLICIES:
-        loss = wiring.trainer_loss(trainer)
-        direct = policy.measure(trainer.model, spec, name, {}, None, None, loss_fn=loss)
-        predicted = policy.predicted_peak(trainer.model, spec, name, {}, None, None, loss_fn=loss)
-        assert abs(predicted - direct) <= 0.05 * direct, (name, predicted, direct)
+    loss = wiring.trainer_loss(trainer)
+    with active(trainer):
+        for name in policy.POLICIES:
+            direct = policy.measure(trainer.model, spec, name, {}, None, None, loss_fn=loss)
+            predicted = policy.predicted_peak(trainer.model, spec, name, {}, None, None, loss_fn=loss)
+            assert predicted >= 0.95 * direct, (name, predicted, direct)
 
 
-def test_the_probe_stays_under_its_prediction_and_leaves_nothing_allocated(tokenizer, dataset, tmp_path):
+def test_the_probe_stays_under_its_prediction_and_leaves_nothing_allocated(tokenizer, dataset, tmp_path,
+                                                                           use_settings):
     import gc
 
-    trainer = _trainer(tokenizer, dataset, tmp_path)
+    trainer = _probe_trainer(tokenizer, dataset, tmp_path, use_settings, flat=True)
     model = trainer.model
-    spec = policy.ProbeBatch([32] * 8, flat=True)
-    gc.collect()
-    tracker = policy._LiveBytes()
-    for tensor in [*model.parameters(), *model.buffers()]:
-        tracker.track(tensor)
-    tracker.check()
-    baseline = tracker.current
-    with tracker.measuring():
-        predicted = policy.predicted_peak(model, spec, "none", {}, None, None, loss_fn=wiring.trainer_loss(trainer))
-    gc.collect()
-    tracker.sweep()
-    assert tracker.current == baseline  # every tensor the probe made is gone
-    assert tracker.peak < predicted  # two small steps, never the batch it predicts
-    direct = policy.measure(model, spec, "none", {}, None, None, loss_fn=wiring.trainer_loss(trainer))
+    spec = policy.ProbeBatch([LENGTH] * 8, flat=True)
+    with active(trainer):
+        gc.collect()
+        tracker = policy._LiveBytes()
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tracker.track(tensor)
+        tracker.check()
+        baseline = tracker.current
+        with tracker.measuring():
+            predicted = policy.predicted_peak(model, spec, "none", {}, None, None, loss_fn=wiring.trainer_loss(trainer))
+        dispatch._state.__dict__.pop("positions", None)  # the varlen path's boundaries of its last batch
+        gc.collect()
+        tracker.sweep()
+        assert tracker.current == baseline  # every tensor the probe made is gone
+        assert tracker.peak < predicted  # two small steps, never the batch it predicts
+        direct = policy.measure(model, spec, "none", {}, None, None, loss_fn=wiring.trainer_loss(trainer))
     assert abs(predicted - direct) <= 0.05 * direct  # and the prediction is the full step's peak

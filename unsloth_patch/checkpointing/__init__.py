@@ -2,8 +2,8 @@
 
 TRL (>= 0.24) turns gradient checkpointing on by default. When it is on only because of that
 default, the trainer start probes each candidate policy, fastest first, with two small training
-steps extrapolated to the largest batch the run can produce, and keeps the first whose peak
-memory (plus the optimizer state still to come) fits the budget:
+steps extrapolated phase by phase to the largest batch the run can produce, and keeps the first
+whose peak memory (plus the optimizer state still to come) fits the budget:
 
 ``none``       no checkpointing: every activation is kept.
 ``selective``  checkpointed layers keep matmul and attention outputs and recompute the cheap
@@ -12,15 +12,18 @@ memory (plus the optimizer state still to come) fits the budget:
                device-to-host copies run on a side stream, overlapped with compute.
 ``full``       TRL's default: plain checkpointing.
 
-One reason to change per module: ``policy`` (the decision, pure), ``functions`` (the checkpoint
-functions the policies install), ``meter`` (live tensor bytes on a CPU), ``probe`` (the probe's
-steps and what they restore). ``patches/checkpointing.py`` wires it into ``Trainer.train``.
+One reason to change per module: ``policy`` (the decision, pure), ``estimate``
+(the memory model: a step's peak from smaller steps, pure), ``functions`` (the checkpoint functions
+the policies install), ``meter`` (per-phase peaks: live tensor bytes on a CPU, the allocator on
+CUDA), ``probe`` (the probe's steps and what they restore). ``patches/checkpointing.py`` wires it into
+``Trainer.train``.
 """
 
 from .functions import (CHECKPOINT_FUNCTIONS, OFFLOAD_MIN_BYTES, checkpoint_function, checkpoint_offload,
                         checkpoint_selective, install, restore_checkpointing, selective_available, selective_context,
                         snapshot_checkpointing)
-from .meter import LiveBytes
+from .estimate import Step, extrapolate
+from .meter import CudaBytes, LiveBytes, boundary
 from .policy import (GIB, POLICIES, SAFETY_MARGIN, Decision, ProbeOutOfMemory, agree, agree_across_ranks, budget_for,
                      choose, last_decision, oom_types, optimizer_state_bytes, remember)
 from .probe import ProbeBatch, RestorePoint, autocast_for, make_batch, measure, model_loss, predicted_peak, run_probe
@@ -30,7 +33,8 @@ _LiveBytes = LiveBytes  # the name the tests and benchmarks knew
 __all__ = [
     "CHECKPOINT_FUNCTIONS", "OFFLOAD_MIN_BYTES", "checkpoint_function", "checkpoint_offload", "checkpoint_selective",
     "install", "restore_checkpointing", "selective_available", "selective_context", "snapshot_checkpointing",
-    "LiveBytes", "GIB", "POLICIES", "SAFETY_MARGIN", "Decision", "ProbeOutOfMemory", "agree", "agree_across_ranks",
-    "budget_for", "choose", "last_decision", "oom_types", "optimizer_state_bytes", "remember", "ProbeBatch",
-    "RestorePoint", "autocast_for", "make_batch", "measure", "model_loss", "predicted_peak", "run_probe",
+    "Step", "extrapolate", "CudaBytes", "LiveBytes", "boundary", "GIB", "POLICIES", "SAFETY_MARGIN", "Decision",
+    "ProbeOutOfMemory", "agree", "agree_across_ranks", "budget_for", "choose", "last_decision", "oom_types",
+    "optimizer_state_bytes", "remember", "ProbeBatch", "RestorePoint", "autocast_for", "make_batch", "measure",
+    "model_loss", "predicted_peak", "run_probe",
 ]

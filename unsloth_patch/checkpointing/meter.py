@@ -1,12 +1,51 @@
-"""Live tensor bytes on a CPU, counted as the CUDA allocator would count them (the probe's meter in CI)."""
+"""The probe's meters: live tensor bytes on a CPU, the allocator's statistics on CUDA, both per phase.
+
+A step is cut into phases at the boundaries the probe marks (``boundary()``: each layer's forward
+entry and exit, the arrival of its output's gradient, the start of the backward). Each phase
+keeps its own peak and the gradient bytes present when it began, so that the memory model can
+tell the parts of a step that grow with the batch from the parts that do not.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
+
+_active: list = []  # the meters of the steps being measured (innermost last)
 
 
-class LiveBytes:
+def boundary() -> None:
+    """Mark a phase boundary in the step being measured (nothing when none is)."""
+    if _active:
+        _active[-1].end_phase()
+
+
+class _Phases:
+    """Per-phase peaks: ``peak_now()`` / ``reset()`` come from the meter, ``grads()`` from the probe."""
+
+    grads: Callable[[], int] = staticmethod(lambda: 0)
+
+    def _start_phases(self) -> None:
+        self.phases: list = []  # (peak bytes, gradient bytes when the phase began)
+        self._phase_grads = self.grads()
+
+    def end_phase(self) -> None:
+        self.phases.append((self.peak_now(), self._phase_grads))
+        self.reset()
+        self._phase_grads = self.grads()
+
+    @contextlib.contextmanager
+    def _phased(self):
+        self._start_phases()
+        _active.append(self)
+        try:
+            yield self
+        finally:
+            _active.remove(self)
+        self.end_phase()
+
+
+class LiveBytes(_Phases):
     """Peak bytes of live tensor storage during a CPU step, as the CUDA allocator would count them.
 
     Every operator's outputs are seen through a ``TorchDispatchMode`` (forward, backward and
@@ -23,7 +62,9 @@ class LiveBytes:
         self.live: dict = {}
         self.current = 0
         self.peak = 0
+        self.phase_peak = 0  # the peak since the last phase boundary (<= peak)
         self._paused = 0
+        self.phases = []
 
     def track(self, tensor) -> None:
         import torch
@@ -49,17 +90,25 @@ class LiveBytes:
 
     def check(self) -> None:
         # ``current`` never undercounts (frees are only seen by a sweep), so while it is at or
-        # under the peak the true value is too: sweep only when it claims a new peak.
-        if self.current <= self.peak:
+        # under the phase's peak the true value is too: sweep only when it claims a new peak.
+        if self.current <= self.phase_peak:
             return
         self.sweep()
-        if self.current > self.peak:
-            self.peak = self.current
+        self.phase_peak = max(self.phase_peak, self.current)
+        self.peak = max(self.peak, self.current)
         if self.limit is not None and self.current > self.limit:
             import torch
 
             raise torch.cuda.OutOfMemoryError(
                 f"simulated out of memory: {self.current} bytes live, budget {self.limit} bytes")
+
+    def peak_now(self) -> int:
+        self.sweep()
+        return max(self.phase_peak, self.current)
+
+    def reset(self) -> None:
+        self.sweep()
+        self.phase_peak = self.current
 
     @contextlib.contextmanager
     def untracked(self):
@@ -70,7 +119,8 @@ class LiveBytes:
             self._paused -= 1
 
     @contextlib.contextmanager
-    def measuring(self):
+    def measuring(self, phases: bool = False):
+        """Count every operator's outputs; with ``phases``, also cut the step at ``boundary()`` calls."""
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
 
@@ -86,7 +136,37 @@ class LiveBytes:
 
         previous, LiveBytes.active = LiveBytes.active, self
         try:
-            with Mode():
+            with Mode(), (self._phased() if phases else contextlib.nullcontext()):
                 yield self
         finally:
             LiveBytes.active = previous
+
+
+class CudaBytes(_Phases):
+    """The same per-phase peaks from the CUDA caching allocator's statistics (no synchronisation needed:
+    the allocator accounts for each allocation when it is issued)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.phases = []
+
+    def peak_now(self) -> int:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def reset(self) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextlib.contextmanager
+    def measuring(self):
+        """Per-phase peaks of the step run inside."""
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        self.reset()
+        with self._phased():
+            yield self
+        torch.cuda.synchronize(self.device)

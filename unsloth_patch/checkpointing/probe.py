@@ -1,8 +1,10 @@
 """The probe: small training steps of the largest batch's sequences, under each candidate policy.
 
 Each step runs on a random-token batch laid out as the run lays out its batches, through the
-trainer's own loss, and puts back everything it touched (``RestorePoint``); ``predicted_peak``
-extrapolates two small steps to the full batch.
+trainer's own loss, and puts back everything it touched (``RestorePoint``). It is measured phase
+by phase (``meter``), cut at each layer's forward entry and exit, at the arrival of the gradient
+of its output and at the start of the backward; ``predicted_peak`` extrapolates two small steps
+to the full batch (``estimate``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import estimate
 from .functions import install, restore_checkpointing, snapshot_checkpointing
-from .meter import LiveBytes
+from .meter import CudaBytes, LiveBytes, boundary
 
 
 @dataclass
@@ -113,32 +116,58 @@ def autocast_for(device, mixed: Optional[str]):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def forward_as_prepared(model, device, mixed: Optional[str]):
+    """The model's forward as ``Accelerator.prepare`` sets it up under mixed precision: autocast around the
+    forward only, and its fp16/bf16 outputs converted to fp32 (a full copy of the logits where the model
+    returns them); the loss's metrics outside the forward run in the outputs' precision."""
+    if mixed is None:
+        yield
+        return
+    try:
+        from accelerate.utils import convert_to_fp32
+    except ImportError:  # pragma: no cover - transformers' Trainer needs accelerate
+        def convert_to_fp32(outputs):
+            return outputs
+    missing = object()
+    own = model.__dict__.get("forward", missing)
+    inner = model.forward
+
+    def forward(*args, **kwargs):
+        with autocast_for(device, mixed):
+            outputs = inner(*args, **kwargs)
+        return convert_to_fp32(outputs)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if own is missing:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = own
+
+
 def predicted_peak(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
                    limit: Optional[int], loss_fn: Optional[Callable] = None, measure_fn: Optional[Callable] = None) -> int:
     """Peak bytes of a step on ``spec``'s batch, from two smaller steps: a quarter and half as many sequences.
 
-    Past the first sequence or two, a step's memory grows by the same amount with each further
+    Past the first sequence or two, each phase of a step grows by the same amount with each further
     sequence of the same length (its activations, the attention's per-sequence work, its rows of
     logits) on top of what does not grow (weights, gradients): steps of ``n/4`` and ``n/2`` copies of
-    the longest sequence give both parts, so the full batch of ``n`` never has to be allocated to
-    know whether it fits — the probe's own memory stays at about half of what it predicts. (With
-    one or two sequences another part of the step can dominate, so they are not used to extrapolate;
-    batches of up to four sequences are measured as they are.) ``limit`` bounds the steps (a
-    simulated out-of-memory error past it, on a CPU); whether the predicted peak fits is the
-    caller's decision.
+    the longest sequence give both parts, phase by phase, so the full batch of ``n`` never has to be
+    allocated to know whether it fits (``estimate.extrapolate``). Batches of up to four sequences are
+    measured as they are. ``limit`` bounds the steps (a simulated out-of-memory error past it, on a
+    CPU); whether the predicted peak fits is the caller's decision.
     """
     measure_fn = measure_fn or measure
     count = len(spec.lengths)
     if count <= 4:
         return measure_fn(model, spec, policy, kwargs, mixed, limit, loss_fn=loss_fn)
     longest = max(spec.lengths)
-    small, large = count // 4, count // 2
-    at_small = measure_fn(model, ProbeBatch([longest] * small, spec.flat), policy, kwargs, mixed, limit,
-                          loss_fn=loss_fn)
-    at_large = measure_fn(model, ProbeBatch([longest] * large, spec.flat), policy, kwargs, mixed, limit,
-                          loss_fn=loss_fn)
-    per_sequence = max(0, at_large - at_small) / (large - small)
-    return int(at_large + per_sequence * (count - large))
+    small, large = (measure_fn(model, ProbeBatch([longest] * n, spec.flat), policy, kwargs, mixed, limit,
+                               loss_fn=loss_fn, phases=True) for n in (count // 4, count // 2))
+    return estimate.extrapolate(small, large, count)
 
 
 def model_loss(model, batch: dict):
@@ -158,17 +187,54 @@ def run_probe(model, batch: dict, policy: str, kwargs: Optional[dict], mixed: Op
     model.train()
     for param in model.parameters():
         param.grad = None
-    with autocast_for(batch["input_ids"].device, mixed):
+    with forward_as_prepared(model, batch["input_ids"].device, mixed):
         loss = (loss_fn or model_loss)(model, batch)
+    boundary()  # the forward (and the loss's metrics) ends here
     loss.backward()
 
 
-def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
-            limit: Optional[int], step: Optional[Callable] = None, loss_fn: Optional[Callable] = None) -> int:
-    """Peak bytes of one step under ``policy``; the model, grads and RNG are restored afterwards.
+def _blocks(model) -> list:
+    """The model's repeated layers: the children of its largest ``ModuleList`` (by parameter count)."""
+    import torch
 
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the live
-    tensor bytes counted by ``_LiveBytes`` (raising a simulated out-of-memory error past ``limit``).
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        return []
+    biggest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return list(biggest)
+
+
+def _phase_hooks(model) -> list:
+    """Phase boundaries at each layer's forward entry and exit and at the arrival of its output's gradient."""
+    import torch
+
+    def entered(module, args):
+        boundary()
+
+    def left(module, args, output):
+        boundary()
+        first = output[0] if isinstance(output, (tuple, list)) and output else output
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(lambda grad: boundary())
+
+    handles = []
+    for block in _blocks(model):
+        handles += [block.register_forward_pre_hook(entered), block.register_forward_hook(left)]
+    return handles
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
+            limit: Optional[int], step: Optional[Callable] = None, loss_fn: Optional[Callable] = None,
+            phases: bool = False):
+    """Peak bytes of one step under ``policy`` (``phases``: its ``estimate.Step``); the model, grads and RNG
+    are restored afterwards.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` per phase. CPU: the live tensor bytes counted by
+    ``LiveBytes`` (raising a simulated out-of-memory error past ``limit``).
     """
     import torch
 
@@ -177,25 +243,31 @@ def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed:
     device = params[0].device if params else torch.device("cpu")
     vocab = model.get_input_embeddings().num_embeddings
     point = RestorePoint.take(model)
+    hooks = _phase_hooks(model) if phases else []
+    batch = inputs = None
     try:
         batch = make_batch(spec, vocab, device)
+        inputs = [v for v in batch.values() if isinstance(v, torch.Tensor)]
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            meter = CudaBytes(device)
+            baseline = torch.cuda.memory_allocated(device) - _nbytes(inputs)
+            context = meter.measuring()
+        else:
+            meter = LiveBytes(limit)
+            for tensor in [*params, *model.buffers(), *(p.grad for p in params if p.grad is not None), *inputs]:
+                meter.track(tensor)
+            meter.check()
+            baseline = meter.current - _nbytes(inputs)
+            context = meter.measuring(phases=True)
+        meter.grads = lambda: _nbytes(p.grad for p in params if p.grad is not None)
+        with context:
             step(model, batch, policy, kwargs, mixed, loss_fn)
-            torch.cuda.synchronize(device)
-            return int(torch.cuda.max_memory_allocated(device))
-        tracker = LiveBytes(limit)
-        for tensor in [*params, *model.buffers(), *(p.grad for p in params if p.grad is not None),
-                       *(v for v in batch.values() if isinstance(v, torch.Tensor))]:
-            tracker.track(tensor)
-        tracker.check()
-        with tracker.measuring():
-            step(model, batch, policy, kwargs, mixed, loss_fn)
-        tracker.check()
-        return tracker.peak
+        result = estimate.Step(len(spec.lengths), baseline, tuple(meter.phases))
+        return result if phases else result.peak
     finally:
-        batch = None
+        for handle in hooks:
+            handle.remove()
+        batch = inputs = None
         point.restore()
         gc.collect()
         if device.type == "cuda":

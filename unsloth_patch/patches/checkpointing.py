@@ -10,6 +10,7 @@ function is installed on the model's layers directly. The arguments are restored
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from .. import checkpointing as policy
@@ -144,6 +145,17 @@ def _mixed(args):
     return None
 
 
+def mixed_precision(trainer):
+    """The autocast a training step runs under: the accelerator's mixed precision, which is what
+    ``train()`` uses, else the arguments'. (transformers 4.x ``TrainingArguments`` export
+    ``ACCELERATE_MIXED_PRECISION`` to the process, so after a bf16 config, a later trainer's accelerator
+    trains in bf16 whatever its own ``bf16`` says.)"""
+    value = str(getattr(getattr(trainer, "accelerator", None), "mixed_precision", "") or "").lower()
+    if value in ("bf16", "fp16"):
+        return value
+    return None if value == "no" else _mixed(trainer.args)
+
+
 def memory_of(device, settings):
     """(card bytes, budget bytes) for ``device``; the budget is None when there is nothing to measure."""
     import torch
@@ -242,14 +254,14 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     # a candidate fits when its step plus the optimizer state stays under the budget; on a CPU the budget
     # is simulated (an out-of-memory error past it), on a GPU the card's own limit applies
     limit = max(0, budget - extra) if device.type != "cuda" else None
-    mixed = _mixed(trainer.args)
+    mixed = mixed_precision(trainer)
 
     held = []
 
     def measured(*args, **kwargs):  # each small step's own peak, for the record
-        peak = policy.measure(*args, **kwargs)
-        held.append(peak)
-        return peak
+        step = policy.measure(*args, **kwargs)
+        held.append(getattr(step, "peak", step))
+        return step
 
     def measure(name):
         return policy.predicted_peak(model, spec, name, kwargs, mixed, limit, loss_fn=trainer_loss(trainer),
@@ -278,7 +290,8 @@ def trainer_loss(trainer):
 
     Its metric gathers stay local to this process: ranks probe different candidates (each stops at
     its first fit, or runs out of memory), so a collective inside the probe would pair one rank's
-    gather with another's next step — a hang. The probe's metrics are discarded anyway.
+    gather with another's next step — a hang. The probe's metrics are discarded anyway. It runs in
+    the trainer's ``compute_loss_context_manager`` (transformers 4.x's CPU autocast), as a step does.
     """
     def loss_fn(model, batch):
         saved = _bookkeeping(trainer)
@@ -286,8 +299,10 @@ def trainer_loss(trainer):
         local = {name: vars(accelerator).get(name) for name in _COLLECTIVES if hasattr(accelerator, name)}
         for name in local:
             setattr(accelerator, name, _local_collective(name))
+        context = getattr(trainer, "compute_loss_context_manager", None)
         try:
-            return trainer.compute_loss(model, dict(batch))
+            with context() if context is not None else contextlib.nullcontext():
+                return trainer.compute_loss(model, dict(batch))
         finally:
             for name, value in saved.items():
                 setattr(trainer, name, value)

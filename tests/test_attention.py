@@ -81,3 +81,19 @@ def test_forced_backend_that_cannot_run_is_a_clear_error_at_trainer_start(forced
     with pytest.raises(UnslothPatchError, match=f"UNSLOTH_PATCH_ATTENTION={forced}.*accepted|UNSLOTH_PATCH_ATTENTION={forced}"):
         sft_trainer(build_model("llama", vocab_size=len(tokenizer)), tokenizer, text_dataset(tokenizer, 8),
                     sft_config(tmp_path, max_length=32))
+
+
+def test_boundaries_are_recomputed_for_new_positions_at_a_reused_address():
+    """The next step's position_ids may land where the last step's were freed: same address, shape and
+    version counter. Its boundaries must be its own, never the cached ones of the earlier tensor."""
+    from unsloth_patch.attention import dispatch
+
+    first = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    first.add_(0)  # version 1, as set_() below leaves the second tensor
+    cu, longest = dispatch.boundaries(1, 8, first, first.device)
+    assert cu.tolist() == [0, 3, 8] and longest == 5
+    first.untyped_storage().copy_(torch.tensor([0, 1, 0, 1, 2, 3, 0, 1]).untyped_storage())  # no version bump
+    second = torch.empty(0, dtype=first.dtype).set_(first.untyped_storage(), 0, (1, 8))
+    assert second.data_ptr() == first.data_ptr() and second._version == first._version
+    cu, longest = dispatch.boundaries(1, 8, second, second.device)
+    assert cu.tolist() == [0, 2, 6, 8] and longest == 4

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -155,15 +156,17 @@ def boundaries(batch: int, length: int, position_ids, device):
 
 
 def _boundaries_from_positions(position_ids: torch.Tensor):
-    key = (position_ids.data_ptr(), position_ids._version, tuple(position_ids.shape), position_ids.device)
+    """Boundaries of a flat row, computed once per forward: every layer gets the same ``position_ids``
+    object. The cache holds that object weakly and matches it by identity and version, never by
+    address: the caching allocator hands a freed address to the next step's tensor of the same shape."""
     cached = getattr(_state, "positions", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and cached[0]() is position_ids and cached[1] == position_ids._version:
+        return cached[2]
     lengths = lengths_from_position_ids(position_ids.detach())
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=position_ids.device)
     cu[1:] = torch.cumsum(lengths.to(position_ids.device), 0)
     result = (cu, int(lengths.max()))
-    _state.positions = (key, result)
+    _state.positions = (weakref.ref(position_ids), position_ids._version, result)
     return result
 
 

@@ -76,8 +76,6 @@ def plugin_log(caplog, level=logging.INFO):
 
 def run_python(code: str, env_extra=None, timeout=240):
     """Run ``code`` in a fresh interpreter (import-time behaviour needs a clean process)."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNSLOTH_PATCH_")}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)

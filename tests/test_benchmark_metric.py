@@ -38,6 +38,7 @@ def test_a_slow_probe_lowers_the_whole_run_figure_but_not_train_runtimes(tmp_pat
     use_settings(memory_budget_gb=8.0)  # the probe runs on this CPU
     monkeypatch.setattr(wiring, "explicit_reason", lambda args: None)
     monkeypatch.setattr(wiring, "checkpointing_on", lambda args: True)
+    _measured(tokenizer, dataset, tmp_path / "first")  # one-time costs (lazy imports, first probe) land here
     fast = _measured(tokenizer, dataset, tmp_path / "fast")
     real = policy.measure
 

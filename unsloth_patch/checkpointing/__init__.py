@@ -13,7 +13,8 @@ whose peak memory (plus the optimizer state still to come) fits the budget:
 ``full``       TRL's default: plain checkpointing.
 
 One reason to change per module: ``policy`` (the decision, pure), ``estimate``
-(the memory model: a step's peak from smaller steps, pure), ``functions`` (the checkpoint functions
+(the memory model: a step's peak from smaller steps, pure), ``bound`` (an upper bound of the
+no-checkpointing step from the model's shape, which lets a roomy card skip the probe, pure), ``functions`` (the checkpoint functions
 the policies install), ``meter`` (per-phase peaks: live tensor bytes on a CPU, the allocator on
 CUDA), ``probe`` (the probe's steps and what they restore). ``patches/checkpointing.py`` wires it into
 ``Trainer.train``.
@@ -22,6 +23,7 @@ CUDA), ``probe`` (the probe's steps and what they restore). ``patches/checkpoint
 from .functions import (CHECKPOINT_FUNCTIONS, OFFLOAD_MIN_BYTES, checkpoint_function, checkpoint_offload,
                         checkpoint_selective, install, restore_checkpointing, selective_available, selective_context,
                         snapshot_checkpointing)
+from .bound import StepShape, upper_bound, why_not_bounded
 from .estimate import Step, extrapolate
 from .meter import CudaBytes, LiveBytes, boundary
 from .policy import (GIB, POLICIES, SAFETY_MARGIN, Decision, ProbeOutOfMemory, agree, agree_across_ranks, budget_for,
@@ -33,7 +35,8 @@ _LiveBytes = LiveBytes  # the name the tests and benchmarks knew
 __all__ = [
     "CHECKPOINT_FUNCTIONS", "OFFLOAD_MIN_BYTES", "checkpoint_function", "checkpoint_offload", "checkpoint_selective",
     "install", "restore_checkpointing", "selective_available", "selective_context", "snapshot_checkpointing",
-    "Step", "extrapolate", "CudaBytes", "LiveBytes", "boundary", "GIB", "POLICIES", "SAFETY_MARGIN", "Decision",
+    "StepShape", "upper_bound", "why_not_bounded", "Step", "extrapolate", "CudaBytes", "LiveBytes", "boundary",
+    "GIB", "POLICIES", "SAFETY_MARGIN", "Decision",
     "ProbeOutOfMemory", "agree", "agree_across_ranks", "budget_for", "choose", "last_decision", "oom_types",
     "optimizer_state_bytes", "remember", "ProbeBatch", "RestorePoint", "autocast_for", "make_batch", "measure",
     "model_loss", "predicted_peak", "run_probe",

@@ -31,6 +31,8 @@ class Decision:
     tokens: int = 0  # tokens of the probe batch
     local_policy: Optional[str] = None  # this rank's own choice before the ranks agreed
     probe_peak_bytes: Optional[int] = None  # the most the probe's own small steps held at once
+    bound_bytes: Optional[int] = None  # upper bound of the no-checkpointing step from the model's shape
+    bound_note: str = ""  # why no bound was used (not bounded, or over the budget)
 
     @property
     def changes_training(self) -> bool:
@@ -49,6 +51,8 @@ class Decision:
                 value = self.peaks[name]
                 parts.append(f"{name}={'out of memory' if value is None else gib(value)}")
         probed = ", ".join(parts) if parts else "no probe"
+        if self.bound_bytes is not None:
+            probed += f"; upper bound without checkpointing: {gib(self.bound_bytes)}"
         return (f"checkpointing: {self.policy} ({self.reason}); probed peaks: {probed}; "
                 f"later extra: {gib(self.extra_bytes)}; budget: {gib(self.budget_bytes)}; "
                 f"card: {gib(self.card_bytes)} [{self.device or 'n/a'}]")

@@ -19,6 +19,7 @@ from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
 from .config_fields import was_explicit
+from .step_shape import step_shape
 from .trainer_facts import base_model, dataset_lengths, max_length_of
 from .training_edits import train_collator
 
@@ -255,6 +256,13 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     # is simulated (an out-of-memory error past it), on a GPU the card's own limit applies
     limit = max(0, budget - extra) if device.type != "cuda" else None
     mixed = mixed_precision(trainer)
+    bound, note = bound_of(trainer, spec, mixed, device)
+    if bound is not None and bound + extra <= budget:
+        return policy.Decision("none", "an upper bound of the step without checkpointing, plus the optimizer state, "
+                                       "fits the budget; no probe needed", extra_bytes=extra, budget_bytes=budget,
+                               card_bytes=card, device=str(device), tokens=sum(spec.lengths), bound_bytes=bound)
+    if bound is not None:
+        note = "the upper bound without checkpointing does not fit the budget; probed"
 
     held = []
 
@@ -278,7 +286,20 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         decision.reason = ("fastest candidate whose probed peak plus optimizer state fits the budget"
                            if chosen != "full" else "only full checkpointing fits the budget")
     decision.probed = True
+    decision.bound_bytes, decision.bound_note = bound, note
     return decision
+
+
+def bound_of(trainer, spec, mixed, device):
+    """(upper bound of the no-checkpointing step or None, why none is used) — on a CUDA device only: a
+    CPU's budget is simulated by the probe's own accounting, which the bound does not replace."""
+    if device.type != "cuda":
+        return None, "the bound is used on CUDA devices only"
+    shape = step_shape(trainer, spec, mixed)
+    if shape is None:
+        return None, "the model's config does not give the sizes the bound needs"
+    why = policy.why_not_bounded(shape)
+    return (None, why) if why else (policy.upper_bound(shape), "")
 
 
 _COLLECTIVES = ("gather", "gather_for_metrics", "reduce", "pad_across_processes")

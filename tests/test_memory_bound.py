@@ -1,0 +1,164 @@
+"""The no-checkpointing upper bound: above every peak measured on the GPU, and the probe it saves.
+
+A roomy card chooses ``none`` from arithmetic alone when the bound plus the optimizer state fits
+the budget; the probe runs whenever the bound does not fit or cannot be made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+import unsloth_patch  # noqa: E402
+from unsloth_patch import checkpointing as policy  # noqa: E402
+from unsloth_patch import tiny  # noqa: E402
+from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
+from unsloth_patch.patches.step_shape import step_shape  # noqa: E402
+
+from .helpers import sft_trainer, text_dataset  # noqa: E402
+from .test_checkpointing import _config, _no_probe  # noqa: E402
+
+unsloth_patch.apply()
+settings_module = sys.modules["unsloth_patch.settings"]
+
+
+def _shape(config, tokens, *, params, trainable, **overrides):
+    values = dict(model_type=config.model_type, attention="unsloth_varlen", layers=config.num_hidden_layers,
+                  hidden=config.hidden_size, intermediate=config.intermediate_size,
+                  heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                  head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                  vocab=config.vocab_size, tokens=tokens, activation_bytes=2, resident_bytes=2 * params,
+                  gradient_bytes=2 * trainable)
+    values.update(overrides)
+    return policy.StepShape(**values)
+
+
+# Whole-run peaks (torch.cuda.max_memory_allocated over train(), optimizer state included) and the
+# optimizer state of runs on an H200, 2026-12-02 (benchmarks/results/h200-2026-12-02*/): bf16, batch 8,
+# max_length 2048 (16,384 tokens in the largest batch), no checkpointing.
+RECORDED = [
+    # (model, LoRA, parameters, trainable parameters, whole-run peak bytes, optimizer state bytes)
+    ("llama", False, 1_104_218_112, 1_104_218_112, 22_071_951_872, 4_416_873_036),  # unsloth_patch
+    ("llama", False, 1_104_218_112, 1_104_218_112, 27_595_837_440, 4_416_873_036),  # unsloth_patch_packing
+    ("llama", True, 1_115_490_304, 11_272_192, 20_830_896_128, 90_177_600),  # unsloth_patch_lora
+    ("qwen3", False, 936_450_048, 936_450_048, 20_310_896_640, 3_745_800_192),  # unsloth_patch, qwen3
+]
+BUILDERS = {"llama": tiny.build_llama_1b_config, "qwen3": tiny.build_qwen3_1b_config}
+
+
+@pytest.mark.parametrize("model, lora, params, trainable, peak, optimizer", RECORDED)
+def test_the_bound_is_above_every_recorded_peak(model, lora, params, trainable, peak, optimizer):
+    shape = _shape(BUILDERS[model](), 16_384, params=params, trainable=trainable, lora=lora)
+    bound = policy.upper_bound(shape)
+    assert bound is not None
+    assert bound + optimizer >= peak, (bound + optimizer, peak)
+
+
+def test_an_80_gb_card_needs_no_probe_for_the_reference_workload():
+    shape = _shape(tiny.build_llama_1b_config(), 16_384, params=1_104_218_112, trainable=1_104_218_112)
+    budget = policy.budget_for(80 * 10**9, None)
+    assert policy.upper_bound(shape) + 4_416_873_036 <= budget
+
+
+def test_the_bound_grows_with_tokens_and_lora():
+    config = tiny.build_llama_1b_config()
+    small = _shape(config, 4096, params=10**9, trainable=10**9)
+    assert policy.upper_bound(dataclasses.replace(small, tokens=8192)) > policy.upper_bound(small)
+    assert policy.upper_bound(dataclasses.replace(small, lora=True)) > policy.upper_bound(small)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(model_type="mixtral"), "not one of the dense layouts"),
+    (dict(experts=8), "mixture of experts"),
+    (dict(quantized=True), "quantized"),
+    (dict(attention="sdpa"), "tokens x tokens"),
+    (dict(attention="eager"), "tokens x tokens"),
+    (dict(vocab=0), "lacks a size"),
+])
+def test_shapes_the_bound_does_not_cover_say_why(change, reason):
+    shape = dataclasses.replace(_shape(tiny.build_llama_1b_config(), 1024, params=10**9, trainable=10**9), **change)
+    assert reason in policy.why_not_bounded(shape)
+    assert policy.upper_bound(shape) is None
+
+
+# --------------------------------------------------------------------------- facts and wiring
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer):
+    return text_dataset(tokenizer, limit=16)
+
+
+def _trainer(tokenizer, dataset, config, **kwargs):
+    model = tiny.build_model("llama", vocab_size=len(tokenizer), seed=0)
+    return sft_trainer(model, tokenizer, dataset, config, **kwargs)
+
+
+def test_step_shape_reads_the_model_and_the_batch(tokenizer, dataset, tmp_path):
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path))
+    spec = wiring.probe_spec(trainer)
+    shape = step_shape(trainer, spec, None)
+    config = trainer.model.config
+    assert (shape.model_type, shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.vocab) == (
+        "llama", config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+        config.num_key_value_heads, config.vocab_size)
+    assert shape.tokens == sum(spec.lengths) > 0
+    params = list(trainer.model.parameters())
+    assert shape.gradient_bytes == sum(p.numel() * p.element_size() for p in params)
+    assert shape.activation_bytes == params[0].element_size() and not shape.lora and not shape.quantized
+    assert step_shape(trainer, spec, "bf16").activation_bytes == 2
+
+
+def _use_budget(monkeypatch, gib):
+    monkeypatch.setattr(settings_module, "_current",
+                        dataclasses.replace(settings_module.current(), memory_budget_gb=gib))
+
+
+def _bound_as_on_cuda(monkeypatch):
+    """The CPU runs the bound as a CUDA device would, with attention that keeps O(tokens)."""
+    def bound_of(trainer, spec, mixed, device):
+        shape = dataclasses.replace(step_shape(trainer, spec, mixed), attention="unsloth_varlen")
+        return policy.upper_bound(shape), ""
+
+    monkeypatch.setattr(wiring, "bound_of", bound_of)
+    return bound_of
+
+
+def test_a_roomy_budget_chooses_none_without_a_probe(tokenizer, dataset, tmp_path, monkeypatch):
+    _use_budget(monkeypatch, 64.0)
+    _bound_as_on_cuda(monkeypatch)
+    _no_probe(monkeypatch)
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
+    trainer.train()
+    decision = policy.last_decision()
+    assert decision.policy == "none" and decision.changes_training, decision.summary()
+    assert "no probe needed" in decision.reason and decision.peaks == {}
+    assert 0 < decision.bound_bytes and decision.bound_bytes + decision.extra_bytes <= decision.budget_bytes
+    assert "upper bound without checkpointing" in decision.summary()
+    assert wiring.checkpointing_on(trainer.args)  # the user's arguments are back after train()
+
+
+def test_a_bound_over_the_budget_leaves_the_choice_to_the_probe(tokenizer, dataset, tmp_path, monkeypatch):
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path, max_steps=1))
+    spec = wiring.probe_spec(trainer)
+    bound = _bound_as_on_cuda(monkeypatch)(trainer, spec, None, None)[0]
+    _use_budget(monkeypatch, (bound + wiring.extra_bytes(trainer)) * 0.999 / policy.GIB)
+    measured = []
+    real = policy.measure
+    monkeypatch.setattr(policy, "measure", lambda *a, **k: measured.append(1) or real(*a, **k))
+    trainer.train()
+    decision = policy.last_decision()
+    assert measured, "the probe must run when the bound does not fit"
+    assert decision.peaks and "none" in decision.peaks
+    assert decision.bound_bytes == bound and "does not fit" in decision.bound_note
+
+
+def test_on_a_cpu_the_bound_is_not_used(tokenizer, dataset, tmp_path):
+    trainer = _trainer(tokenizer, dataset, _config(tmp_path))
+    bound, note = wiring.bound_of(trainer, wiring.probe_spec(trainer), None, torch.device("cpu"))
+    assert bound is None and "CUDA" in note

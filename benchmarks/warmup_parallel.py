@@ -2,8 +2,9 @@
 
 Each mode runs in a fresh process with its own empty ``TRITON_CACHE_DIR``, for the kernel variants
 the reference workload compiles (``unsloth_patch.warmup.specs_for`` of the Llama-shaped 1.1B config
-or ``--model qwen3``, bf16). ``threads``: one thread per variant (useful only if Triton's compiler
-releases the GIL). ``processes``: one process per variant compiles into the shared cache, then the
+or ``--model qwen3``, bf16). ``serial``: one launch after another; ``threads``: what the plugin does,
+a thread per launch, forward and backward kernels apart (useful because Triton's compiler spends
+much of its time outside the GIL). ``processes``: one process per variant compiles into the shared cache, then the
 parent launches every variant (now cache hits); the time includes the processes' start-up.
 
     python benchmarks/warmup_parallel.py [--model llama|qwen3] [--out results.json]
@@ -36,12 +37,10 @@ torch.zeros(1, device=device)
 imported = time.perf_counter()
 if mode == "one":
     warm_up([specs[index]], device)
-elif mode == "threads":
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(len(specs)) as pool:
-        list(pool.map(lambda s: warm_up([s], device), specs))
-else:
+elif mode == "threads":  # the plugin's own way: a thread per launch (forward and backward apart)
     warm_up(specs, device)
+else:
+    warm_up(specs, device, parallel=False)
 torch.cuda.synchronize()
 print(json.dumps({"specs": len(specs), "import_s": imported - started, "warmup_s": time.perf_counter() - imported}))
 """

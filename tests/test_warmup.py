@@ -54,3 +54,31 @@ def test_every_variant_launches(monkeypatch):
              kw.GatedSpec(dtype), kw.GatedSpec(dtype, gelu=True)]
     assert kw.warm_up(specs, device) == []
     assert os.environ.get("TRITON_INTERPRET") == "1" or device == "cuda"
+
+
+def test_launches_run_on_threads_and_failures_are_reported_once_per_spec(monkeypatch):
+    import threading
+
+    from unsloth_patch.kernels import warmup as kw
+
+    ran, threads = [], set()
+
+    def launch(name, fail=False):
+        def run(spec, device):
+            ran.append((spec, name))
+            threads.add(threading.current_thread().name)
+            if fail:
+                raise RuntimeError(f"{name} failed")
+        return run
+
+    monkeypatch.setattr(kw, "_interpreting", lambda: False)
+    monkeypatch.setattr(kw, "_LAUNCHES", {kw.NormSpec: (launch("forward"), launch("backward", fail=True)),
+                                          kw.GatedSpec: (launch("gated"),)})
+    norm, gated = kw.NormSpec(64, torch.float32, torch.float32), kw.GatedSpec(torch.float32)
+    failed = kw.warm_up([norm, gated], "cpu")
+    assert sorted(ran, key=str) == sorted([(norm, "forward"), (norm, "backward"), (gated, "gated")], key=str)
+    assert failed == [(norm, "RuntimeError: backward failed")]
+    assert all(name.startswith("unsloth_patch-compile") for name in threads)
+    ran.clear()
+    kw.warm_up([norm, gated], "cpu", parallel=False)
+    assert [name for _, name in ran] == ["forward", "backward", "gated"]

@@ -10,6 +10,7 @@ nothing about the real calls, which keep their own fallback; it is returned, not
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,8 +41,7 @@ class GatedSpec:
     gelu: bool = False
 
 
-def _attention(spec: AttentionSpec, device) -> None:
-    va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
+def _attention_inputs(spec: AttentionSpec, device):
     lengths = [5, 67]  # a short and a longer-than-one-block sequence
     total = sum(lengths)
     cu = torch.tensor([0, lengths[0], total], dtype=torch.int32, device=device)
@@ -51,17 +51,41 @@ def _attention(spec: AttentionSpec, device) -> None:
     window = spec.window if spec.window is not None and spec.window < max(lengths) else None
     if spec.window is not None and window is None:
         window = max(1, max(lengths) - 1)  # the windowed variant, whatever the real window
-    out, lse = va._forward(q, k, v, cu, max(lengths), None, True, window, spec.softcap)
-    va._backward(torch.randn_like(out), q, k, v, out, lse, cu, max(lengths), None, True, window, spec.softcap)
+    return q, k, v, cu, max(lengths), window
 
 
-def _norm(spec: NormSpec, device) -> None:
-    rms = importlib.import_module("unsloth_patch.kernels.rmsnorm")
-    rows = 8
-    x = torch.randn(rows, spec.size, device=device, dtype=spec.dtype)
+def _attention_forward(spec: AttentionSpec, device) -> None:
+    va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
+    q, k, v, cu, longest, window = _attention_inputs(spec, device)
+    va._forward(q, k, v, cu, longest, None, True, window, spec.softcap)
+
+
+def _attention_backward(spec: AttentionSpec, device) -> None:
+    """The backward's kernels on a made-up forward result: they compile apart from the forward's."""
+    va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
+    q, k, v, cu, longest, window = _attention_inputs(spec, device)
+    out = torch.randn_like(q)
+    lse = torch.randn(spec.heads, q.shape[0], device=device, dtype=torch.float32).abs() + 1.0
+    va._backward(torch.randn_like(out), q, k, v, out, lse, cu, longest, None, True, window, spec.softcap)
+
+
+def _norm_inputs(spec: NormSpec, device):
+    x = torch.randn(8, spec.size, device=device, dtype=spec.dtype)
     weight = torch.randn(spec.size, device=device, dtype=spec.weight_dtype)
-    y, rstd = rms._forward_triton(x, weight, 1e-6, spec.offset)
-    rms._backward_triton(torch.randn_like(y).to(x.dtype), x, weight, rstd, spec.offset)
+    return x, weight
+
+
+def _norm_forward(spec: NormSpec, device) -> None:
+    rms = importlib.import_module("unsloth_patch.kernels.rmsnorm")
+    x, weight = _norm_inputs(spec, device)
+    rms._forward_triton(x, weight, 1e-6, spec.offset)
+
+
+def _norm_backward(spec: NormSpec, device) -> None:
+    rms = importlib.import_module("unsloth_patch.kernels.rmsnorm")
+    x, weight = _norm_inputs(spec, device)
+    rstd = torch.rand(x.shape[0], device=device, dtype=torch.float32) + 0.5
+    rms._backward_triton(torch.randn_like(x), x, weight, rstd, spec.offset)
 
 
 def _gated(spec: GatedSpec, device) -> None:
@@ -72,15 +96,48 @@ def _gated(spec: GatedSpec, device) -> None:
     sw._backward_triton(torch.randn_like(y), gate, up, spec.gelu)
 
 
-_LAUNCH = {AttentionSpec: _attention, NormSpec: _norm, GatedSpec: _gated}
+# the launches of each kind of spec, each compiling kernels of its own (so they may run at once)
+_LAUNCHES = {AttentionSpec: (_attention_forward, _attention_backward), NormSpec: (_norm_forward, _norm_backward),
+             GatedSpec: (_gated,)}
 
 
-def warm_up(specs, device) -> list:
-    """Launch each spec's kernels once on ``device``; returns ``[(spec, error)]`` for those that failed."""
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def warm_up(specs, device, parallel: bool = True) -> list:
+    """Launch each spec's kernels once on ``device``; returns ``[(spec, error)]`` for those that failed.
+
+    On a GPU the launches run on a thread each: Triton's compiler spends much of its time outside
+    the GIL (LLVM, ptxas), so compiles overlap (on an H200, the reference workload's variants with a
+    thread per variant: 6.9 s serial, 4.5 s on threads; ``benchmarks/warmup_parallel.py``). The
+    interpreter (``TRITON_INTERPRET=1``) patches ``triton.language`` while it runs, so there they
+    run one after another.
+    """
+    tasks = [(spec, launch) for spec in specs for launch in _LAUNCHES[type(spec)]]
     failed = []
-    for spec in specs:
+
+    def run(task):
+        spec, launch = task
         try:
-            _LAUNCH[type(spec)](spec, device)
+            if torch.device(device).type == "cuda":
+                with torch.cuda.device(device):  # the current device is per thread
+                    launch(spec, device)
+            else:
+                launch(spec, device)
         except Exception as exc:  # the real call has its own fallback; this only moves compilation earlier
-            failed.append((spec, f"{type(exc).__name__}: {exc}"))
+            return spec, f"{type(exc).__name__}: {exc}"
+        return None
+
+    if parallel and len(tasks) > 1 and not _interpreting():
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1),
+                                thread_name_prefix="unsloth_patch-compile") as pool:
+            outcomes = list(pool.map(run, tasks))
+    else:
+        outcomes = [run(task) for task in tasks]
+    for outcome in outcomes:
+        if outcome is not None and all(outcome[0] is not spec for spec, _ in failed):
+            failed.append(outcome)
     return failed

@@ -218,3 +218,35 @@ def test_best_fit_decreasing_fills_rows_deterministically():
 def test_best_fit_picks_the_fullest_row_that_fits():
     # rows after the first three: [6] (2 free), [5] (3 free), [4] (4 free); a 2 goes to the 6-row
     assert packing.best_fit_decreasing([6, 5, 4, 2], 8) == [[0, 3], [1], [2]]
+
+
+def test_eval_batches_of_a_packed_run_keep_every_example_to_itself(tokenizer, dataset, tmp_path):
+    """``eval_packing`` (on with ``packing``): evaluation never attends across examples. Where TRL packs
+    with boundaries, its packed eval rows keep them; where our packer packs the training rows (TRL
+    before 0.20), evaluation gets one whole example per padded row, never a wrapped stream."""
+    from trl import SFTConfig
+
+    strategy = "eval_strategy" if "eval_strategy" in config_fields(SFTConfig) else "evaluation_strategy"
+    config = sft_config(tmp_path, max_length=MAX_LENGTH, max_steps=2, per_device_train_batch_size=2,
+                        per_device_eval_batch_size=2, packing=True, eval_steps=1, **{strategy: "steps"})
+    trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, config, eval_dataset=dataset.select(range(12)))
+    batch = next(iter(trainer.get_eval_dataloader()))
+    batch = {k: v for k, v in batch.items() if k != LABEL_OFFSET_KEY}
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        if unsloth_patch.last_plan().packer == "TRL":
+            assert batch["input_ids"].shape[0] == 1 and ("position_ids" in batch or "cu_seq_lens_q" in batch)
+            segments = [(ids, 0, start, end) for ids, _, start, end in _segments(batch)]
+            assert len(segments) >= 2  # packed
+        else:
+            examples = {tuple(ids) for ids in trainer.eval_dataset["input_ids"]}
+            segments = []
+            for row, mask in enumerate(batch["attention_mask"].bool()):
+                ids = tuple(batch["input_ids"][row][mask].tolist())
+                assert ids in examples  # one whole example of the eval dataset, not a cut of a stream
+                positions = mask.nonzero().flatten()
+                segments.append((ids, row, int(positions[0]), int(positions[-1]) + 1))
+        for ids, row, start, end in segments:
+            own = model(input_ids=torch.tensor([ids])).logits[0]
+            assert (logits[row, start:end] - own).abs().max().item() <= 1e-5

@@ -40,6 +40,15 @@ class GatedSpec:
     gelu: bool = False
 
 
+@dataclass(frozen=True)
+class RopeSpec:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype  # q and k (the projections' output: the compute dtype)
+    table_dtype: torch.dtype  # cos and sin (transformers casts them to the hidden states' dtype)
+
+
 def _attention(spec: AttentionSpec, device) -> None:
     va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
     lengths = [5, 67]  # a short and a longer-than-one-block sequence
@@ -72,7 +81,19 @@ def _gated(spec: GatedSpec, device) -> None:
     sw._backward_triton(torch.randn_like(y), gate, up, spec.gelu)
 
 
-_LAUNCH = {AttentionSpec: _attention, NormSpec: _norm, GatedSpec: _gated}
+def _rope(spec: RopeSpec, device) -> None:
+    rp = importlib.import_module("unsloth_patch.kernels.rope")
+    tokens = 7
+    # laid out as transformers lays them out: view(B, T, H, D).transpose(1, 2) of the projections
+    q = torch.randn(1, tokens, spec.heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
+    k = torch.randn(1, tokens, spec.kv_heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
+    cos = torch.randn(1, tokens, spec.head_dim, device=device, dtype=spec.table_dtype)
+    sin = torch.randn_like(cos)
+    q_out, k_out = rp._forward_triton(q, k, cos, sin)
+    rp._backward_triton(torch.randn_like(q_out), torch.randn_like(k_out), cos, sin)
+
+
+_LAUNCH = {AttentionSpec: _attention, NormSpec: _norm, GatedSpec: _gated, RopeSpec: _rope}
 
 
 def warm_up(specs, device) -> list:

@@ -475,10 +475,10 @@ def fused_layers_on_cpu(recorder: Recorder):
     The trainer fuses layers only on CUDA parameters (``layers._model_reason``); here that device
     rule is lifted, nothing else, and each kernel call is counted.
     """
-    from unsloth_patch import layers
+    from unsloth_patch import layers, rope_fusion
     from unsloth_patch.kernels import rmsnorm, swiglu
 
-    saved = layers._model_reason, rmsnorm.rms_norm, swiglu.gated_activation
+    saved = layers._model_reason, rmsnorm.rms_norm, swiglu.gated_activation, rope_fusion._kernel
 
     def counted(name, function):
         def call(*args, **kwargs):
@@ -489,10 +489,11 @@ def fused_layers_on_cpu(recorder: Recorder):
     layers._model_reason = lambda model: None
     rmsnorm.rms_norm = counted("kernel rms_norm", saved[1])
     swiglu.gated_activation = counted("kernel gated_activation", saved[2])
+    rope_fusion._kernel = counted("kernel rope", saved[3])
     try:
         yield
     finally:
-        layers._model_reason, rmsnorm.rms_norm, swiglu.gated_activation = saved
+        layers._model_reason, rmsnorm.rms_norm, swiglu.gated_activation, rope_fusion._kernel = saved
 
 
 def _with_fused(result):
@@ -503,7 +504,7 @@ def _with_fused(result):
 
 @scenario
 def ddp_kernels(out_dir, context):
-    """DDP with the fused RMSNorm / gated-MLP kernels and TRL's checkpointing default, accumulation 2."""
+    """DDP with the fused RMSNorm / gated-MLP / RoPE kernels and TRL's checkpointing default, accumulation 2."""
     recorder = Recorder()
     with settings(padding_free="on"), fused_layers_on_cpu(recorder):
         return _with_fused(train(build(out_dir, accumulation=2, steps=2), recorder))

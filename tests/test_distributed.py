@@ -393,14 +393,16 @@ def kernels_reference(tmp_path_factory):
 @pytest.mark.kernels
 @pytest.mark.parametrize("name", KERNEL_SCENARIOS)
 def test_fused_layer_kernels_under_ddp_and_fsdp2(launched_kernels, kernels_reference, name):
-    """The fused RMSNorm / gated-MLP Triton kernels (interpreted on CPU) in both ranks, with
+    """The fused RMSNorm / gated-MLP / RoPE Triton kernels (interpreted on CPU) in both ranks, with
     TRL's checkpointing (DDP) or selective checkpointing recomputing through them (FSDP2)."""
     ranks = launched_kernels.ranks(name)
     if "skipped" in ranks[0]:
         pytest.skip(ranks[0]["skipped"])
     for r in ranks:
-        assert r["fusion"]["fused"] == {"rmsnorm": 5, "swiglu": 2}, r["fusion"]  # 2 layers x 2 norms + final
+        # 2 layers x 2 norms + final, 2 MLPs, 2 attention modules with RoPE
+        assert r["fusion"]["fused"] == {"rmsnorm": 5, "swiglu": 2, "rope": 2}, r["fusion"]
         assert r["attention"].get("kernel rms_norm", 0) > 0 and r["attention"].get("kernel gated_activation", 0) > 0
+        assert r["attention"].get("kernel rope", 0) > 0
         assert r["fallbacks"] == {}  # no kernel fell back to its PyTorch reference
         assert all(b["shape"][0] == 1 and not b["attention_mask"] for b in r["batches"])
         if name == "fsdp2_kernels":

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from unsloth_patch import fallback  # noqa: E402
 from unsloth_patch import log as plugin_log_module  # noqa: E402
-from unsloth_patch.kernels import rmsnorm, swiglu  # noqa: E402
+from unsloth_patch.kernels import rmsnorm, rope, swiglu  # noqa: E402
 
 from .helpers import plugin_log  # noqa: E402
 
@@ -54,10 +54,22 @@ def gated(g, u):
     return swiglu.gated_activation(g, u, "silu")
 
 
+def rotary(q, k, cos, sin):
+    q_out, k_out = rope.rope(q, k, cos, sin)
+    return torch.cat((q_out.flatten(), k_out.flatten()))
+
+
+def _rope_inputs():
+    q = _leaf(2, 6, 4, 16, seed=8).detach().transpose(1, 2).requires_grad_()  # transformers' layout
+    k = _leaf(2, 6, 2, 16, seed=9).detach().transpose(1, 2).requires_grad_()
+    return q, k, _leaf(1, 6, 16, seed=10).detach(), _leaf(1, 6, 16, seed=11).detach()
+
+
 CASES = {
     "attention": (attention, _attention_inputs, va),
     "rmsnorm": (norm, lambda: (_leaf(9, 96, seed=4), _leaf(96, seed=5)), rmsnorm),
     "gated": (gated, lambda: (_leaf(7, 130, seed=6), _leaf(7, 130, seed=7)), swiglu),
+    "rope": (rotary, _rope_inputs, rope),
 }
 
 
@@ -105,7 +117,8 @@ def test_ops_pass_torch_library_opcheck(name):
     ops = {"attention": (torch.ops.unsloth_patch.varlen_attention,
                          lambda q, k, v, cu, n: (q, k, v, cu, n, None, True, 7, 20.0)),
            "rmsnorm": (torch.ops.unsloth_patch.rms_norm, lambda x, w: (x, w, 1e-6, 0.0)),
-           "gated": (torch.ops.unsloth_patch.gated_activation, lambda g, u: (g, u, False))}
+           "gated": (torch.ops.unsloth_patch.gated_activation, lambda g, u: (g, u, False)),
+           "rope": (torch.ops.unsloth_patch.rope, lambda q, k, c, s: (q, k, c, s))}
     op, arguments = ops[name]
     torch.library.opcheck(op, arguments(*inputs), test_utils=("test_schema", "test_autograd_registration",
                                                               "test_faketensor"))

@@ -13,7 +13,7 @@ import torch
 
 import importlib
 
-from unsloth_patch.kernels import rmsnorm, swiglu
+from unsloth_patch.kernels import rmsnorm, rope, swiglu
 
 va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
 
@@ -97,9 +97,30 @@ def test_gated_reference_forward_and_backward_match_float64(gelu):
     assert (dg.double() - g64.grad).abs().max() <= 1e-4 and (du.double() - u64.grad).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("table_batch", [1, 3])
+def test_rope_reference_forward_and_backward_match_float64(table_batch):
+    q = _leaf(3, 5, 4, 12, seed=11).transpose(1, 2)  # [B, H, T, D] as transformers lays it out
+    k = _leaf(3, 5, 2, 12, seed=12).transpose(1, 2)
+    cos, sin = _leaf(table_batch, 5, 12, seed=13), _leaf(table_batch, 5, 12, seed=14)  # halves differ
+    dq, dk = _leaf(3, 4, 5, 12, seed=15), _leaf(3, 2, 5, 12, seed=16)
+    q_out, k_out = rope._forward_reference(q, k, cos, sin)
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    half = 6
+
+    def rotate(x):  # written out, independently of the module's rotate_half
+        return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+    c64, s64 = cos.double()[:, None], sin.double()[:, None]
+    q_want, k_want = q64 * c64 + rotate(q64) * s64, k64 * c64 + rotate(k64) * s64
+    assert (q_out.double() - q_want).abs().max() <= 1e-5 and (k_out.double() - k_want).abs().max() <= 1e-5
+    torch.autograd.backward((q_want, k_want), (dq.double(), dk.double()))
+    dq_got, dk_got = rope._backward_reference(dq, dk, cos, sin)
+    assert (dq_got.double() - q64.grad).abs().max() <= 1e-5 and (dk_got.double() - k64.grad).abs().max() <= 1e-5
+
+
 def test_kernels_are_registered_as_custom_ops_with_fake_implementations():
     for name in ("varlen_attention", "varlen_attention_backward", "rms_norm", "rms_norm_backward",
-                 "gated_activation", "gated_activation_backward"):
+                 "gated_activation", "gated_activation_backward", "rope", "rope_backward"):
         op = getattr(torch.ops.unsloth_patch, name)
         assert op.default is not None
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -114,3 +135,10 @@ def test_kernels_are_registered_as_custom_ops_with_fake_implementations():
         y, rstd = torch.ops.unsloth_patch.rms_norm(x, w, 1e-6, 0.0)
         assert y.dtype == torch.float32 and rstd.shape == (6,)
         assert torch.ops.unsloth_patch.gated_activation(x, x, False).shape == x.shape
+        q = torch.empty(2, 7, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
+        table = torch.empty(1, 7, 64, dtype=torch.float32)
+        q_out, k_out = torch.ops.unsloth_patch.rope(q, q[:, :2], table, table)
+        assert q_out.shape == q.shape and q_out.stride() == q.stride() and q_out.dtype == torch.float32
+        assert k_out.shape == (2, 2, 7, 64)
+        dq, _ = torch.ops.unsloth_patch.rope_backward(q_out, k_out, table, table)
+        assert dq.shape == q.shape and dq.dtype == torch.float32

@@ -117,8 +117,8 @@ def test_gated_activation_checks_its_arguments():
 # -- fused models ----------------------------------------------------------------------------------
 
 FAMILIES = [f for f in ("llama", "qwen3", "gemma") if f in available_families()]
-EXPECTED = {"llama": {"rmsnorm": 5, "swiglu": 2}, "qwen3": {"rmsnorm": 9, "swiglu": 2},
-            "gemma": {"rmsnorm_gemma": 5, "geglu": 2}}
+EXPECTED = {"llama": {"rmsnorm": 5, "swiglu": 2, "rope": 2}, "qwen3": {"rmsnorm": 9, "swiglu": 2, "rope": 2},
+            "gemma": {"rmsnorm_gemma": 5, "geglu": 2, "rope": 2}}
 
 
 def _tiny(family):
@@ -152,7 +152,8 @@ def test_fused_model_gives_the_same_logits_and_grads(family):
     edits.rollback()
     assert {name: vars(m).get("forward") for name, m in model.named_modules()} == originals
     assert not any(is_fused(m) for m in model.modules())
-    assert not any(hasattr(m, "_unsloth_activation") or hasattr(m, "_unsloth_eps") for m in model.modules())
+    assert not any(hasattr(m, "_unsloth_activation") or hasattr(m, "_unsloth_eps") or hasattr(m, "_unsloth_rope_head_dim")
+                   for m in model.modules())
 
 
 def test_fused_model_under_gradient_checkpointing():

@@ -21,6 +21,12 @@ def test_specs_follow_the_models_config():
     assert kw.AttentionSpec(2, 1, 64, torch.bfloat16, None, None) in specs
     assert kw.NormSpec(128, torch.bfloat16, torch.bfloat16, 0.0) in specs
     assert kw.GatedSpec(torch.bfloat16, gelu=False) in specs
+    assert kw.RopeSpec(2, 1, 64, torch.bfloat16, torch.bfloat16) in specs
+    fp32_params = warmup.specs_for(llama, torch.bfloat16, torch.float32, Settings(kernels_off=("rmsnorm", "swiglu")))
+    assert [s for s in fp32_params if not isinstance(s, kw.AttentionSpec)] == [
+        kw.RopeSpec(2, 1, 64, torch.bfloat16, torch.float32)]  # bf16 q/k under autocast, fp32 tables
+    assert not [s for s in warmup.specs_for(llama, torch.bfloat16, torch.bfloat16, Settings(kernels_off=("rope",)))
+                if isinstance(s, kw.RopeSpec)]
     gemma2 = build_model("gemma2", hidden_size=128, num_heads=2, num_kv_heads=1, sliding_window=16).config
     specs = warmup.specs_for(gemma2, torch.bfloat16, torch.float32, Settings())
     softcap = gemma2.attn_logit_softcapping
@@ -51,7 +57,8 @@ def test_every_variant_launches(monkeypatch):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     specs = [kw.AttentionSpec(4, 2, 64, dtype), kw.AttentionSpec(4, 2, 64, dtype, window=8, softcap=30.0),
              kw.NormSpec(96, dtype, dtype), kw.NormSpec(64, dtype, dtype, 1.0), kw.NormSpec(640, dtype, dtype),
-             kw.GatedSpec(dtype), kw.GatedSpec(dtype, gelu=True)]
+             kw.GatedSpec(dtype), kw.GatedSpec(dtype, gelu=True), kw.RopeSpec(4, 2, 64, dtype, dtype),
+             kw.RopeSpec(6, 1, 80, dtype, torch.float32)]
     assert kw.warm_up(specs, device) == []
     assert os.environ.get("TRITON_INTERPRET") == "1" or device == "cuda"
 

@@ -67,6 +67,13 @@ def _here() -> list[str]:
         if plan.packer:
             efficiency = "" if plan.packing_efficiency is None else f", rows {100 * plan.packing_efficiency:.1f}% full"
             lines.append(f"last trainer: packed by {plan.packer}{efficiency}")
+    from .layers import last_fusion
+
+    fusion = last_fusion()
+    if fusion["reason"] != "not run yet":
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(fusion["fused"].items())) or "nothing"
+        left = f"; {len(fusion['skipped'])} modules left unchanged" if fusion["skipped"] else ""
+        lines.append(f"last train(): fused kernels: {kinds} ({fusion['reason']}{left})")
     from .startup import last
 
     started = last()

@@ -14,11 +14,15 @@ the original exactly):
   and an ``act_fn`` that behaves as SiLU or tanh-GELU on a probe. Only the elementwise
   ``act(gate) * up`` is fused; the projections are still called as modules, so LoRA layers
   on them (PEFT) keep working, as do hooks and gradient checkpointing.
+* **RoPE** (``unsloth_patch/rope_fusion.py``): attention modules whose class forward calls the
+  modeling module's ``apply_rotary_pos_emb``, when that function behaves as the half rotation on a
+  probe; the instance runs its class forward with our fused q/k rotation in that call.
 
 Nothing happens unless ``UNSLOTH_PATCH_KERNELS=auto`` (the default), Triton imports, and the
 model's parameters are on a CUDA device in bf16, fp16 or fp32; ``force=True`` skips the device
 checks (used to run the kernels under ``TRITON_INTERPRET=1`` on CPU). A fused forward falls
 back to the original for inputs it cannot take (a CPU tensor outside the interpreter).
+``UNSLOTH_PATCH_KERNELS_OFF`` leaves single kernels out (``rmsnorm``, ``swiglu``, ``rope``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import textwrap
 import types
 from typing import Optional
 
-from . import fallback, log
+from . import fallback, log, rope_fusion
 
 __all__ = ["fuse_model_layers", "last_fusion", "is_fused"]
 
@@ -104,7 +108,15 @@ _FUSED = {_rmsnorm_forward: "rmsnorm", _gated_mlp_forward: "mlp"}
 
 def is_fused(module) -> bool:
     forward = vars(module).get("forward")
-    return getattr(forward, "__func__", None) in _FUSED
+    return getattr(forward, "__func__", None) in _FUSED or rope_fusion.is_fused(module)
+
+
+def _fused_kind(module) -> str:
+    if rope_fusion.is_fused(module):
+        return "rope"
+    if vars(module)["forward"].__func__ is _rmsnorm_forward:
+        return "rmsnorm_gemma" if module._unsloth_offset else "rmsnorm"
+    return "swiglu" if module._unsloth_activation == "silu" else "geglu"
 
 
 # ----------------------------------------------------------------------------- recognition
@@ -240,7 +252,7 @@ def _model_reason(model) -> Optional[str]:
 
 
 def fuse_model_layers(model, settings=None, edits=None, force: bool = False) -> dict:
-    """Give recognised RMSNorm and gated-MLP modules of ``model`` fused forwards; return the counts.
+    """Give recognised RMSNorm, gated-MLP and RoPE attention modules of ``model`` fused forwards; return the counts.
 
     Every replacement goes through ``edits`` (an :class:`unsloth_patch.edits.Edits`), so
     ``edits.rollback()`` restores the original forwards. Never raises for an unsupported model:
@@ -255,8 +267,12 @@ def fuse_model_layers(model, settings=None, edits=None, force: bool = False) -> 
     fused: dict[str, int] = {}
     skipped: dict[str, str] = {}
     reason = ""
+    off = tuple(getattr(settings, "kernels_off", ()))
+    on = {name: name not in off for name in ("rmsnorm", "swiglu", "rope")}
     if getattr(settings, "kernels", "auto") == "off":
         reason = "turned off by UNSLOTH_PATCH_KERNELS=off"
+    elif not any(on.values()):
+        reason = f"turned off by UNSLOTH_PATCH_KERNELS_OFF={','.join(off)}"
     elif not _triton_available():
         reason = "Triton is not installed"
     elif not force:
@@ -270,14 +286,17 @@ def fuse_model_layers(model, settings=None, edits=None, force: bool = False) -> 
     try:
         for name, module in model.named_modules():
             if is_fused(module):
-                if vars(module)["forward"].__func__ is _rmsnorm_forward:
-                    kind = "rmsnorm_gemma" if module._unsloth_offset else "rmsnorm"
-                else:
-                    kind = "swiglu" if module._unsloth_activation == "silu" else "geglu"
+                kind = _fused_kind(module)
                 fused[kind] = fused.get(kind, 0) + 1
                 continue
             cls = type(module).__name__
-            if cls.endswith("RMSNorm"):
+            if on["rope"] and rope_fusion.is_candidate(module):
+                why = rope_fusion.fuse(module, local)
+                if why:
+                    skipped[name] = f"{cls}: {why}"
+                else:
+                    fused["rope"] = fused.get("rope", 0) + 1
+            elif on["rmsnorm"] and cls.endswith("RMSNorm"):
                 offset, why = _rmsnorm_offset(module)
                 if offset is None:
                     skipped[name] = f"{cls}: {why}"
@@ -287,7 +306,7 @@ def fuse_model_layers(model, settings=None, edits=None, force: bool = False) -> 
                 local.setattr(module, "forward", types.MethodType(_rmsnorm_forward, module))
                 kind = "rmsnorm_gemma" if offset else "rmsnorm"
                 fused[kind] = fused.get(kind, 0) + 1
-            elif hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+            elif on["swiglu"] and hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
                 activation, why = _mlp_activation(module)
                 if activation is None:
                     skipped[name] = f"{cls}: {why}"
@@ -307,7 +326,9 @@ def fuse_model_layers(model, settings=None, edits=None, force: bool = False) -> 
     if skipped:
         log.logger.debug("fused kernels: left unchanged: %s",
                          "; ".join(f"{name} ({why})" for name, why in skipped.items()))
-    reason = "fused" if fused else "no recognised RMSNorm or gated-MLP module"
+    reason = "fused" if fused else "no recognised RMSNorm, gated-MLP or RoPE attention module"
+    if off:
+        reason += f" (left out by UNSLOTH_PATCH_KERNELS_OFF: {', '.join(off)})"
     _last = {"fused": fused, "skipped": skipped, "reason": reason}
     summary = ", ".join(f"{count} {kind}" for kind, count in sorted(fused.items())) or "nothing"
     log.logger.info("fused kernels: %s%s", summary, f" ({len(skipped)} modules left unchanged)" if skipped else "")

@@ -62,6 +62,23 @@ def _positive_number(example: str, unit: str = "") -> Callable[[str, str], float
     return parse
 
 
+# kernels UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel
+KERNEL_NAMES = ("rmsnorm", "swiglu", "rope")
+
+
+def _kernel_names(name: str, raw: str) -> tuple:
+    """A comma-separated list of kernel names (any case, spaces allowed), kept in KERNEL_NAMES order."""
+    accepted = "a comma-separated list of " + ", ".join(KERNEL_NAMES) + " (swiglu: the gated MLP, SwiGLU and GeGLU)"
+    items = [item.strip().lower() for item in raw.split(",")]
+    unknown = [item for item in items if item not in KERNEL_NAMES]
+    if unknown or not items:
+        raise _invalid(name, raw, accepted)
+    return tuple(k for k in KERNEL_NAMES if k in items)
+
+
+_kernel_names.accepted = " | ".join(KERNEL_NAMES) + ", comma-separated"  # type: ignore[attr-defined]
+
+
 def _invalid(name: str, raw: str, accepted: str) -> ValueError:
     return ValueError(f"{PREFIX}{name}={raw!r} is not valid; accepted values: {accepted}.")
 
@@ -97,6 +114,8 @@ TOGGLES: tuple[Toggle, ...] = (
     Toggle("EMBEDDING_LR", None, _positive_number("5e-5"),
            "Learning rate for the input/output embeddings (lowest precedence after the config field)."),
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
+    Toggle("KERNELS_OFF", (), _kernel_names,
+           "Fused layer kernels to leave out while KERNELS=auto: any of rmsnorm, swiglu, rope, comma-separated."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
     Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),
@@ -117,16 +136,23 @@ class Settings:
     packing: str = "off"
     embedding_lr: Optional[float] = None
     kernels: str = "auto"
+    kernels_off: tuple = ()
     compat: str = "auto"
     checkpointing: str = "auto"
     memory_budget_gb: Optional[float] = None
     log_level: str = "warning"
+
+    def kernel_on(self, name: str) -> bool:
+        """Whether the fused layer kernel ``name`` (one of KERNEL_NAMES) may be used."""
+        return self.kernels != "off" and name not in self.kernels_off
 
     def as_environment(self) -> dict[str, str]:
         """The settings spelled as the variables a user would set (for the report)."""
         out = {}
         for toggle in TOGGLES:
             value = getattr(self, toggle.name.lower())
+            if isinstance(value, tuple):
+                value = ",".join(value) or None
             out[toggle.variable] = "unset" if value is None else str(value).lower()
         return out
 

@@ -4,9 +4,9 @@ Triton compiles each kernel variant at its first launch: on a cold cache several
 user would otherwise wait for at the first training step. ``SFTTrainer(...)`` spends time of its
 own before training (tokenising and truncating the dataset, building the collator, moving the
 model), so the compilation starts there, on a thread, from what the model's config already says
-(head counts and dim, windows, soft-capping, norm sizes, the MLP's activation); ``train()`` waits
-for it before its first launch. Only on a CUDA GPU with Triton, and only for kernels the toggles
-leave on. A variant the run turns out not to need costs a compile and nothing else; an error in
+(head counts and dim, windows, soft-capping, norm sizes, the MLP's activation, rotary embeddings);
+``train()`` waits for it before its first launch. Only on a CUDA GPU with Triton, and only for
+kernels the toggles leave on. A variant the run turns out not to need costs a compile and nothing else; an error in
 the warm-up is logged at debug level and changes nothing (the real calls keep their fallbacks).
 """
 
@@ -45,13 +45,27 @@ def specs_for(model_config, compute_dtype, param_dtype, settings) -> list:
         specs.append(kw.AttentionSpec(heads, kv_heads, head_dim, compute_dtype, None, softcap))
         if window:
             specs.append(kw.AttentionSpec(heads, kv_heads, head_dim, compute_dtype, int(window), softcap))
-    if settings.kernels != "off":
+    def kernel_on(name):
+        return settings.kernels != "off" and name not in getattr(settings, "kernels_off", ())
+
+    if kernel_on("rmsnorm"):
         offset = 1.0 if family.startswith("gemma") else 0.0
         specs.append(kw.NormSpec(hidden, param_dtype, param_dtype, offset))
         if family.startswith("qwen3") or family in ("olmo2", "gemma3"):  # per-head q/k norms
             specs.append(kw.NormSpec(head_dim, param_dtype, param_dtype, offset))
+    if kernel_on("swiglu"):
         specs.append(kw.GatedSpec(compute_dtype, gelu=family.startswith("gemma")))
+    if kernel_on("rope") and _full_rotary(text) and head_dim % 2 == 0:
+        specs.append(kw.RopeSpec(heads, kv_heads, head_dim, compute_dtype, param_dtype))
     return specs
+
+
+def _full_rotary(text_config) -> bool:
+    """Whether the config describes rotary embeddings over the whole head (what the RoPE kernel takes)."""
+    has_rope = any(getattr(text_config, name, None) is not None
+                   for name in ("rope_theta", "rope_parameters", "rope_scaling"))
+    partial = getattr(text_config, "partial_rotary_factor", None)
+    return has_rope and partial in (None, 1, 1.0)
 
 
 def start(model, args, settings) -> bool:

@@ -41,6 +41,15 @@ class GatedSpec:
     gelu: bool = False
 
 
+@dataclass(frozen=True)
+class RopeSpec:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype  # q and k (the projections' output: the compute dtype)
+    table_dtype: torch.dtype  # cos and sin (transformers casts them to the hidden states' dtype)
+
+
 def _attention_inputs(spec: AttentionSpec, device):
     lengths = [5, 67]  # a short and a longer-than-one-block sequence
     total = sum(lengths)
@@ -96,9 +105,21 @@ def _gated(spec: GatedSpec, device) -> None:
     sw._backward_triton(torch.randn_like(y), gate, up, spec.gelu)
 
 
+def _rope(spec: RopeSpec, device) -> None:
+    rp = importlib.import_module("unsloth_patch.kernels.rope")
+    tokens = 7
+    # laid out as transformers lays them out: view(B, T, H, D).transpose(1, 2) of the projections
+    q = torch.randn(1, tokens, spec.heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
+    k = torch.randn(1, tokens, spec.kv_heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
+    cos = torch.randn(1, tokens, spec.head_dim, device=device, dtype=spec.table_dtype)
+    sin = torch.randn_like(cos)
+    q_out, k_out = rp._forward_triton(q, k, cos, sin)
+    rp._backward_triton(torch.randn_like(q_out), torch.randn_like(k_out), cos, sin)
+
+
 # the launches of each kind of spec, each compiling kernels of its own (so they may run at once)
 _LAUNCHES = {AttentionSpec: (_attention_forward, _attention_backward), NormSpec: (_norm_forward, _norm_backward),
-             GatedSpec: (_gated,)}
+             GatedSpec: (_gated,), RopeSpec: (_rope,)}
 
 
 def _interpreting() -> bool:

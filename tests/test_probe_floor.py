@@ -75,7 +75,8 @@ def test_a_step_predicted_over_the_budget_is_never_run():
     ladder, ran, _ = ladder_for(2, budget, extra)
     rejected = {}
     chosen, peaks = policy.choose(policy.POLICIES, ladder.peak, budget, extra, rejected=rejected)
-    assert chosen == "offload" and peaks == {"none": None, "selective": None, "offload": made_up_step("offload", 2).peak}
+    assert chosen == "offload"
+    assert peaks == {"none": None, "selective": None, "offload": made_up_step("offload", 2).peak}
     assert ran[0] == ("full", 1)  # full checkpointing's smallest step first: the least any candidate holds
     assert {name for name, _ in ran} == {"full", "offload"}
     for name in ("none", "selective"):
@@ -115,7 +116,8 @@ def test_when_full_does_not_fit_what_holds_more_is_rejected_unrun():
     budget = WEIGHTS + GRADS + 10  # the model and its gradients, hardly more
     ladder, ran, _ = ladder_for(4, budget)
     rejected = {}
-    assert policy.choose(policy.POLICIES, ladder.peak, budget, rejected=rejected) == (None, dict.fromkeys(policy.POLICIES))
+    chosen, peaks = policy.choose(policy.POLICIES, ladder.peak, budget, rejected=rejected)
+    assert chosen is None and peaks == dict.fromkeys(policy.POLICIES)
     assert "holds at least what full" in rejected["none"] and "holds at least what full" in rejected["selective"]
     assert {name for name, _ in ran} <= {"full", "offload"}
     assert all(r["predicted"] <= budget for r in ladder.records)

@@ -29,7 +29,7 @@ from .meter import CudaBytes, LiveBytes, boundary, memory_cap
 from .policy import (GIB, POLICIES, SAFETY_MARGIN, Decision, ProbeOutOfMemory, agree, agree_across_ranks, budget_for,
                      choose, fits, is_out_of_memory, last_decision, oom_types, optimizer_state_bytes, remember)
 from .probe import (ProbeBatch, RestorePoint, autocast_for, floor_bytes, make_batch, measure, model_loss,
-                    predicted_peak, release, run_probe)
+                    predicted_peak, quick_collections, release, run_probe)
 from .ladder import Ladder
 
 _LiveBytes = LiveBytes  # the name the tests and benchmarks knew
@@ -40,6 +40,6 @@ __all__ = [
     "Step", "extrapolate", "step_sizes", "CudaBytes", "LiveBytes", "boundary", "memory_cap", "GIB", "POLICIES",
     "SAFETY_MARGIN", "Decision", "ProbeOutOfMemory", "agree", "agree_across_ranks", "budget_for", "choose", "fits",
     "is_out_of_memory", "last_decision", "oom_types", "optimizer_state_bytes", "remember", "ProbeBatch",
-    "RestorePoint", "autocast_for", "floor_bytes", "make_batch", "measure", "model_loss", "predicted_peak", "release",
-    "run_probe", "Ladder",
+    "RestorePoint", "autocast_for", "floor_bytes", "make_batch", "measure", "model_loss", "predicted_peak",
+    "quick_collections", "release", "run_probe", "Ladder",
 ]

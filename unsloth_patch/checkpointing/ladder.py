@@ -18,11 +18,11 @@ measured:
 
 A step whose prediction is over the budget is not run, nor one smaller than the batch whose
 prediction leaves no room for the later extra (the optimizer state: the batch holds more than the
-step, so it could not fit), and its candidate is rejected with why; so is a candidate whose step ran out of memory (the CPU
-meter's simulated error, or on CUDA the allocator's cap of ``meter.memory_cap``, which turns an
-under-prediction into a caught error) or held more than fits. ``none`` and ``selective`` hold at
-least what full holds, so they are rejected when full is. The steps run, with their predictions
-and peaks, are kept in ``records``.
+step, so it could not fit either); its candidate is rejected with why. So is a candidate whose step
+ran out of memory (the CPU meter's simulated error; on CUDA the allocator's cap, ``meter.memory_cap``,
+turns an under-prediction into such a caught error) or held more than fits. ``none`` and
+``selective`` hold at least what full holds, so they are rejected when full is. The steps run, with
+their predictions and peaks, are kept in ``records``.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def oom_types() -> tuple:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """A probe step that did not fit: a CUDA (or the CPU meter's simulated) out-of-memory error, ours, or host memory."""
+    """A probe step that did not fit: a CUDA (or the CPU meter's simulated) out-of-memory error, ours, or the host's."""
     return isinstance(exc, oom_types()) or isinstance(exc, MemoryError)
 
 
@@ -126,7 +126,8 @@ def choose(candidates: Sequence[str], measure: Callable[[str], int], budget: int
         peaks[name] = peak
         if fits(peak, extra, budget):
             return name, peaks
-        rejected[name] = f"predicted peak {gib(peak)} plus the later extra {gib(extra)} is over the budget {gib(budget)}"
+        rejected[name] = (f"predicted peak {gib(peak)} plus the later extra {gib(extra)} is over the budget "
+                          f"{gib(budget)}")
     return None, peaks
 
 

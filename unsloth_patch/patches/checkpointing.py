@@ -263,7 +263,7 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     ladder = policy.Ladder(spec, run, budget, extra, floor=policy.floor_bytes(model),
                            release=lambda: policy.release(device))
     rejected: dict = {}
-    with policy.memory_cap(device, budget):
+    with policy.memory_cap(device, budget), policy.quick_collections():
         chosen, peaks = policy.choose(candidates, ladder.peak, budget, extra, rejected=rejected)
     held = [r["peak"] for r in ladder.records if r["peak"] is not None]
     decision = policy.Decision("full", "", peaks=peaks, rejected=rejected, extra_bytes=extra, budget_bytes=budget,

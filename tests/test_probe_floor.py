@@ -95,6 +95,7 @@ def test_steps_climb_one_two_four_and_extrapolate_to_the_batch():
     assert ran[3:] == [("none", 2), ("none", 4)]
     none_two = next(r for r in ladder.records if r["candidate"] == "none" and r["sequences"] == 2)
     assert none_two["predicted"] >= none_two["peak"]  # every layer's activations on top of full's: errs high
+    assert ladder.predict("selective", 2)[0] == none_two["peak"]  # it keeps a part of what none keeps
 
 
 def test_a_step_that_runs_out_of_memory_rejects_its_candidate_and_is_released():

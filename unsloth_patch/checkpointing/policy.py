@@ -1,6 +1,7 @@
 """The checkpointing decision: candidates fastest first, the budget, the optimizer state to come, rank agreement.
 
 Pure functions of numbers (the probe's measurements, the card, the toggles), tested without a GPU.
+Each candidate that does not fit is kept with its reason (``Decision.rejected``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class Decision:
     policy: str  # one of POLICIES
     reason: str
     probed: bool = False  # whether the probe ran (False: the user's setting was left as it is)
-    peaks: dict = field(default_factory=dict)  # candidate -> probed peak bytes (None: ran out of memory)
+    peaks: dict = field(default_factory=dict)  # candidate -> predicted peak bytes (None: did not fit its probe steps)
+    rejected: dict = field(default_factory=dict)  # candidate -> why it does not fit (probed candidates only)
     extra_bytes: int = 0  # memory that appears only later in training (optimizer state, DDP buckets)
     budget_bytes: Optional[int] = None  # what peak + extra must stay under
     card_bytes: Optional[int] = None  # the card's total memory (or the env budget on CPU)
@@ -33,6 +35,7 @@ class Decision:
     probe_peak_bytes: Optional[int] = None  # the most the probe's own small steps held at once
     bound_bytes: Optional[int] = None  # upper bound of the no-checkpointing step from the model's shape
     bound_note: str = ""  # why no bound was used (not bounded, or over the budget)
+    probe_steps: list = field(default_factory=list)  # each step run: candidate, sequences, predicted, peak bytes
 
     @property
     def changes_training(self) -> bool:
@@ -42,9 +45,6 @@ class Decision:
         return asdict(self)
 
     def summary(self) -> str:
-        def gib(n):
-            return "n/a" if n is None else f"{n / GIB:.2f} GiB"
-
         parts = []
         for name in POLICIES:
             if name in self.peaks:
@@ -53,9 +53,10 @@ class Decision:
         probed = ", ".join(parts) if parts else "no probe"
         if self.bound_bytes is not None:
             probed += f"; upper bound without checkpointing: {gib(self.bound_bytes)}"
+        rejected = "".join(f"; {name} rejected: {why}" for name, why in self.rejected.items())
         return (f"checkpointing: {self.policy} ({self.reason}); probed peaks: {probed}; "
                 f"later extra: {gib(self.extra_bytes)}; budget: {gib(self.budget_bytes)}; "
-                f"card: {gib(self.card_bytes)} [{self.device or 'n/a'}]")
+                f"card: {gib(self.card_bytes)} [{self.device or 'n/a'}]{rejected}")
 
 
 _last: Optional[Decision] = None
@@ -86,23 +87,51 @@ def oom_types() -> tuple:
     return tuple(types)
 
 
-def choose(candidates: Sequence[str], measure: Callable[[str], int], budget: int, extra: int = 0):
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A probe step that did not fit: a CUDA (or the CPU meter's simulated) out-of-memory error, ours, or the host's."""
+    return isinstance(exc, oom_types()) or isinstance(exc, MemoryError)
+
+
+def fits(peak: int, extra: int, budget: int) -> bool:
+    """Whether a step (or a batch) of ``peak`` bytes leaves room for the later ``extra`` within ``budget``."""
+    return peak + extra <= budget
+
+
+def gib(nbytes: Optional[int]) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / GIB:.2f} GiB"
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ProbeOutOfMemory) and str(exc):
+        return str(exc)
+    first = (str(exc).splitlines() or [""])[0].strip()
+    return first[:200] if first else f"ran out of memory ({type(exc).__name__})"
+
+
+def choose(candidates: Sequence[str], measure: Callable[[str], int], budget: int, extra: int = 0,
+           rejected: Optional[dict] = None):
     """Probe ``candidates`` fastest first; return ``(policy, peaks)`` for the first that fits.
 
-    ``measure(name)`` returns the peak bytes of one step under ``name`` or raises an
-    out-of-memory error. A candidate fits when ``peak + extra <= budget``. Slower candidates are
-    not probed once one fits. ``policy`` is None when nothing fits.
+    ``measure(name)`` returns the predicted peak bytes of a batch under ``name`` or raises an
+    out-of-memory error (``ProbeOutOfMemory`` with the reason, when the probe decided so itself). A
+    candidate fits when ``peak + extra <= budget``. Slower candidates are not probed once one fits.
+    ``policy`` is None when nothing fits. ``rejected``, when given, receives each probed candidate
+    that does not fit, with why.
     """
     peaks: dict = {}
+    rejected = {} if rejected is None else rejected
     for name in candidates:
         try:
             peak = int(measure(name))
-        except oom_types():
+        except oom_types() as exc:
             peaks[name] = None
+            rejected[name] = _why(exc)
             continue
         peaks[name] = peak
-        if peak + extra <= budget:
+        if fits(peak, extra, budget):
             return name, peaks
+        rejected[name] = (f"predicted peak {gib(peak)} plus the later extra {gib(extra)} is over the budget "
+                          f"{gib(budget)}")
     return None, peaks
 
 

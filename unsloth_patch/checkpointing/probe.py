@@ -1,10 +1,11 @@
 """The probe: small training steps of the largest batch's sequences, under each candidate policy.
 
 Each step runs on a random-token batch laid out as the run lays out its batches, through the
-trainer's own loss, and puts back everything it touched (``RestorePoint``). It is measured phase
-by phase (``meter``), cut at each layer's forward entry and exit, at the arrival of the gradient
-of its output and at the start of the backward; ``predicted_peak`` extrapolates two small steps
-to the full batch (``estimate``).
+trainer's own loss, and puts back everything it touched (``RestorePoint``); what it allocated is
+freed when it returns (``release`` after a step that ran out of memory). It is measured phase by
+phase (``meter``), cut at each layer's forward entry and exit, at the arrival of the gradient of
+its output and at the start of the backward; ``predicted_peak`` extrapolates steps of two and four
+sequences to the full batch (``estimate``). Which steps run, and in which order, is ``ladder``'s.
 """
 
 from __future__ import annotations
@@ -150,23 +151,24 @@ def forward_as_prepared(model, device, mixed: Optional[str]):
 
 def predicted_peak(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed: Optional[str],
                    limit: Optional[int], loss_fn: Optional[Callable] = None, measure_fn: Optional[Callable] = None) -> int:
-    """Peak bytes of a step on ``spec``'s batch, from two smaller steps: a quarter and half as many sequences.
+    """Peak bytes of a step on ``spec``'s batch, from two smaller steps: two and four copies of its longest sequence.
 
     Past the first sequence or two, each phase of a step grows by the same amount with each further
     sequence of the same length (its activations, the attention's per-sequence work, its rows of
-    logits) on top of what does not grow (weights, gradients): steps of ``n/4`` and ``n/2`` copies of
-    the longest sequence give both parts, phase by phase, so the full batch of ``n`` never has to be
-    allocated to know whether it fits (``estimate.extrapolate``). Batches of up to four sequences are
-    measured as they are. ``limit`` bounds the steps (a simulated out-of-memory error past it, on a
-    CPU); whether the predicted peak fits is the caller's decision.
+    logits) on top of what does not grow (weights, gradients): steps of 2 and 4 copies of the longest
+    sequence give both parts, phase by phase, so the full batch never has to be allocated to know
+    whether it fits (``estimate.extrapolate``). Batches of up to four sequences are measured as they
+    are. ``limit`` bounds the steps (a simulated out-of-memory error past it, on a CPU); whether the
+    predicted peak fits is the caller's decision. (The trainer's probe runs the same steps through
+    ``ladder``, each predicted before it runs.)
     """
     measure_fn = measure_fn or measure
     count = len(spec.lengths)
-    if count <= 4:
+    if count <= estimate.STEP_SIZES[-1]:
         return measure_fn(model, spec, policy, kwargs, mixed, limit, loss_fn=loss_fn)
     longest = max(spec.lengths)
     small, large = (measure_fn(model, ProbeBatch([longest] * n, spec.flat), policy, kwargs, mixed, limit,
-                               loss_fn=loss_fn, phases=True) for n in (count // 4, count // 2))
+                               loss_fn=loss_fn, phases=True) for n in estimate.STEP_SIZES[-2:])
     return estimate.extrapolate(small, large, count)
 
 
@@ -184,13 +186,34 @@ def run_probe(model, batch: dict, policy: str, kwargs: Optional[dict], mixed: Op
     allocate what a training step allocates, not what a plain forward with full logits would.
     """
     install(model, policy, kwargs)
+    _mark_recomputation(model)
     model.train()
     for param in model.parameters():
         param.grad = None
     with forward_as_prepared(model, batch["input_ids"].device, mixed):
         loss = (loss_fn or model_loss)(model, batch)
-    boundary()  # the forward (and the loss's metrics) ends here
+    boundary("backward")  # the forward (and the loss's metrics) ends here
     loss.backward()
+
+
+def _mark_recomputation(model) -> None:
+    """Each checkpointed function marks a phase boundary when it runs, so that a layer's recomputation in the
+    backward begins a phase of its own (``RestorePoint`` puts the checkpoint functions back)."""
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = _marked(func)
+
+
+def _marked(checkpoint):
+    def checkpointed(function, *args, **kwargs):
+        def run(*inner, **named):
+            boundary("recompute")
+            return function(*inner, **named)
+
+        return checkpoint(run, *args, **kwargs)
+
+    return checkpointed
 
 
 def _blocks(model) -> list:
@@ -209,13 +232,13 @@ def _phase_hooks(model) -> list:
     import torch
 
     def entered(module, args):
-        boundary()
+        boundary("layer")
 
     def left(module, args, output):
         boundary()
         first = output[0] if isinstance(output, (tuple, list)) and output else output
         if isinstance(first, torch.Tensor) and first.requires_grad:
-            first.register_hook(lambda grad: boundary())
+            first.register_hook(lambda grad: boundary("backward"))
 
     handles = []
     for block in _blocks(model):
@@ -262,13 +285,51 @@ def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed:
         meter.grads = lambda: _nbytes(p.grad for p in params if p.grad is not None)
         with context:
             step(model, batch, policy, kwargs, mixed, loss_fn)
-        result = estimate.Step(len(spec.lengths), baseline, tuple(meter.phases))
+        result = estimate.Step(len(spec.lengths), baseline, tuple(meter.phases), tuple(meter.starts),
+                               tuple(meter.kinds), meter.end_grads)
         return result if phases else result.peak
     finally:
         for handle in hooks:
             handle.remove()
         batch = inputs = None
         point.restore()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
+
+
+def release(device) -> None:
+    """Free what a probe step left to the garbage collector (and, on CUDA, the allocator's cache). After a
+    step that ran out of memory, call it again once the error is gone: its frames held the step's tensors."""
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def quick_collections():
+    """While the block runs, garbage collections pass over the objects that existed before it (``gc.freeze``):
+    what a probe step leaves is the step's own, and a full collection of a process that holds a model, its
+    tokenizer and its datasets costs a good part of a small step. Not when the process froze objects itself."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def floor_bytes(model) -> int:
+    """The least a training step of ``model`` holds: what is allocated now (on a CPU: its parameters and
+    buffers) plus a gradient for each trainable parameter that has none yet."""
+    import torch
+
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if device.type == "cuda":
+        held = int(torch.cuda.memory_allocated(device))
+    else:
+        held = _nbytes([*params, *model.buffers()])
+    return held + _nbytes(p for p in params if p.requires_grad and p.grad is None)

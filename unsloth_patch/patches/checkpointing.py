@@ -253,7 +253,7 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     candidates += ["offload", "full"]
     extra = extra_bytes(trainer)
     # a candidate fits when its step plus the optimizer state stays under the budget; on a CPU the budget
-    # is simulated (an out-of-memory error past it), on a GPU the card's own limit applies
+    # is simulated (an out-of-memory error past it), on a GPU the allocator is capped at the budget
     limit = max(0, budget - extra) if device.type != "cuda" else None
     mixed = mixed_precision(trainer)
     bound, note = bound_of(trainer, spec, mixed, device)
@@ -264,21 +264,20 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     if bound is not None:
         note = "the upper bound without checkpointing does not fit the budget; probed"
 
-    held = []
+    loss = trainer_loss(trainer)
 
-    def measured(*args, **kwargs):  # each small step's own peak, for the record
-        step = policy.measure(*args, **kwargs)
-        held.append(getattr(step, "peak", step))
-        return step
+    def run(name, batch):  # one probe step, looked up at call time (tests and benchmarks wrap it)
+        return policy.measure(model, batch, name, kwargs, mixed, limit, loss_fn=loss, phases=True)
 
-    def measure(name):
-        return policy.predicted_peak(model, spec, name, kwargs, mixed, limit, loss_fn=trainer_loss(trainer),
-                                     measure_fn=measured)
-
-    chosen, peaks = policy.choose(candidates, measure, budget, extra)
-    decision = policy.Decision("full", "", peaks=peaks, extra_bytes=extra, budget_bytes=budget, card_bytes=card,
-                               device=str(device), tokens=sum(spec.lengths),
-                               probe_peak_bytes=max(held) if held else None)
+    ladder = policy.Ladder(spec, run, budget, extra, floor=policy.floor_bytes(model),
+                           release=lambda: policy.release(device))
+    rejected: dict = {}
+    with policy.memory_cap(device, budget), policy.quick_collections():
+        chosen, peaks = policy.choose(candidates, ladder.peak, budget, extra, rejected=rejected)
+    held = [r["peak"] for r in ladder.records if r["peak"] is not None]
+    decision = policy.Decision("full", "", peaks=peaks, rejected=rejected, extra_bytes=extra, budget_bytes=budget,
+                               card_bytes=card, device=str(device), tokens=sum(spec.lengths),
+                               probe_peak_bytes=max(held) if held else None, probe_steps=ladder.records)
     if chosen is None:
         decision.reason = "no candidate fits the budget; TRL's full checkpointing kept"
     else:

@@ -189,12 +189,12 @@ def token_batch(total, seed=0, cap=2048):
     return [n for n in lengths if n > 0]
 
 
-def model_section(results, tokens, rep):
+def llama_training_step(tokens):
+    """The 1.1B Llama (bf16, CUDA, ``unsloth_varlen`` attention, train mode), a padding-free batch of
+    about ``tokens`` real tokens, and ``step()``: one forward + backward with fresh gradients, which
+    the kernel benchmarks time. Returns ``(model, lengths, step)``."""
     from unsloth_patch.attention.registration import install
     from unsloth_patch.collate import boundaries_from_lengths
-    from unsloth_patch.edits import Edits
-    from unsloth_patch.layers import fuse_model_layers, last_fusion
-    from unsloth_patch.settings import Settings
     from unsloth_patch.tiny import build_llama_1b_config, model_from_config
 
     install(None)
@@ -217,6 +217,16 @@ def model_section(results, tokens, rep):
         out.loss.backward()
         return out.loss
 
+    return model, lengths, step
+
+
+def model_section(results, tokens, rep):
+    from unsloth_patch.edits import Edits
+    from unsloth_patch.layers import fuse_model_layers, last_fusion
+    from unsloth_patch.settings import Settings
+
+    model, lengths, step = llama_training_step(tokens)
+    total = sum(lengths)
     rows = {}
     for checkpointing in (False, True):
         if checkpointing:

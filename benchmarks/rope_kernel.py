@@ -150,34 +150,13 @@ def speed(results, tokens):
 def model_section(results, tokens, rep):
     from triton.testing import do_bench
 
-    from layer_kernels import token_batch  # noqa: E402
-    from unsloth_patch.attention.registration import install
-    from unsloth_patch.collate import boundaries_from_lengths
+    from layer_kernels import llama_training_step  # noqa: E402
     from unsloth_patch.edits import Edits
     from unsloth_patch.layers import fuse_model_layers, last_fusion
     from unsloth_patch.settings import Settings
-    from unsloth_patch.tiny import build_llama_1b_config, model_from_config
 
-    install(None)
-    model = model_from_config(build_llama_1b_config(), dtype=torch.bfloat16, device="cuda")
-    model.set_attn_implementation("unsloth_varlen")
-    model.config.use_cache = False
-    model.train()
-    lengths = token_batch(tokens)
+    model, lengths, step = llama_training_step(tokens)
     total = sum(lengths)
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, model.config.vocab_size, (1, total), generator=gen).cuda()
-    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
-    boundaries = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
-                  for k, v in boundaries_from_lengths(lengths).items()}
-    batch = dict(input_ids=input_ids, labels=input_ids.clone(), position_ids=position_ids, **boundaries)
-
-    def step():
-        for p in model.parameters():
-            p.grad = None
-        out = model(**batch)
-        out.loss.backward()
-        return out.loss
 
     rows, fusions = {}, {}
     variants = (("eager layers", None), ("fused, RoPE off", ("rope",)), ("fused + RoPE", ()))

@@ -220,6 +220,21 @@ def test_best_fit_picks_the_fullest_row_that_fits():
     assert packing.best_fit_decreasing([6, 5, 4, 2], 8) == [[0, 3], [1], [2]]
 
 
+def _eval_attends_across_examples() -> bool:
+    """Where TRL's packed eval rows are not isolated, with or without the plugin (a known gap, not yet
+    closed: the plugin changes only the training batches): TRL 0.20-0.23 drop the rows' position_ids
+    unless FlashAttention is selected, and transformers 4.x's SDPA does not separate packed sequences."""
+    import transformers
+    from packaging.version import Version
+
+    from .helpers import TRL
+
+    return _trl_packer() and (Version("0.20") <= TRL < Version("0.24")
+                              or Version(transformers.__version__).major < 5)
+
+
+@pytest.mark.xfail(_eval_attends_across_examples(), strict=True,
+                   reason="known gap: TRL's packed eval rows attend across examples here, as in a stock run")
 def test_eval_batches_of_a_packed_run_keep_every_example_to_itself(tokenizer, dataset, tmp_path):
     """``eval_packing`` (on with ``packing``): evaluation never attends across examples. Where TRL packs
     with boundaries, its packed eval rows keep them; where our packer packs the training rows (TRL

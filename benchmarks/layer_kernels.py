@@ -255,6 +255,18 @@ def model_section(results, tokens, rep):
     results["model_tokens"] = total
 
 
+def device_results() -> dict:
+    """Print the card and versions a kernel benchmark ran on; the start of its results."""
+    import transformers
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"transformers {transformers.__version__}, CUDA {torch.version.cuda}")
+    return {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
@@ -262,14 +274,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rep", type=int, default=1500, help="do_bench milliseconds per model configuration")
     args = parser.parse_args()
-    import transformers
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"transformers {transformers.__version__}, CUDA {torch.version.cuda}")
-    results = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-               "transformers": transformers.__version__}
+    results = device_results()
     kernel_section(results)
     if not args.skip_model:
         model_section(results, args.tokens, args.rep)

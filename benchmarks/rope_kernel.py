@@ -196,14 +196,9 @@ def main():
     parser.add_argument("--model-tokens", type=int, nargs="+", default=[8192])
     parser.add_argument("--rep", type=int, default=1000, help="do_bench milliseconds per model configuration")
     args = parser.parse_args()
-    import transformers
-    import triton
+    from layer_kernels import device_results  # noqa: E402
 
-    props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"transformers {transformers.__version__}, CUDA {torch.version.cuda}")
-    results = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-               "transformers": transformers.__version__}
+    results = device_results()
     correctness(results, args.tokens)
     speed(results, args.tokens)
     if not args.skip_model:

@@ -270,7 +270,9 @@ def run_one(args) -> dict:
         result["plan"] = plan.as_dict() if plan else None
         decision = checkpointing.last_decision()
         result["checkpointing"] = dataclasses.asdict(decision) if decision is not None else None
-        result["startup"] = unsloth_patch.startup_report()
+        startup_report = getattr(unsloth_patch, "startup_report", None)  # absent from builds before it existed
+        result["startup"] = startup_report() if startup_report else None
+        result["package"] = os.path.dirname(unsloth_patch.__file__)
     return result
 
 
@@ -284,7 +286,7 @@ def _whole_run_peak(config: Config) -> int:
         from unsloth_patch import checkpointing
 
         decision = checkpointing.last_decision()
-        if decision is not None and decision.probe_peak_bytes:
+        if decision is not None and getattr(decision, "probe_peak_bytes", None):
             peak = max(peak, decision.probe_peak_bytes)
     return peak
 
@@ -351,6 +353,9 @@ def run_all(args) -> None:
             env["UNSLOTH_PATCH_DISABLE"] = "1"
         if config.loader == "unsloth" and args.peer_path:
             env["PYTHONPATH"] = os.pathsep.join([args.peer_path, str(ROOT), str(HERE)])
+        elif config.patched and args.patch_path:  # another build of the plugin, ahead of this checkout's
+            env["PYTHONPATH"] = os.pathsep.join(p for p in [args.patch_path, env.get("PYTHONPATH", ""), str(ROOT),
+                                                            str(HERE)] if p)
         else:
             env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), str(ROOT), str(HERE)] if p)
         env.update(config.env)
@@ -542,6 +547,9 @@ def main(argv=None) -> int:
     parser.add_argument("--phase", default="cold", choices=["cold", "warm"], help=argparse.SUPPRESS)
     parser.add_argument("--peer-path", default="", help="PYTHONPATH for the Unsloth configurations (their own "
                         "site directory with TRL <= 1.15), when they run in the same call as the others")
+    parser.add_argument("--patch-path", default="", help="PYTHONPATH ahead of this checkout for the unsloth_patch "
+                        "configurations: a directory holding another build's unsloth_patch package (e.g. `git "
+                        "archive` of an earlier commit), to compare builds in one call (give it its own --tag)")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--limit", type=int, default=None)

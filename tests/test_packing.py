@@ -220,48 +220,51 @@ def test_best_fit_picks_the_fullest_row_that_fits():
     assert packing.best_fit_decreasing([6, 5, 4, 2], 8) == [[0, 3], [1], [2]]
 
 
-def _eval_attends_across_examples() -> bool:
-    """Where TRL's packed eval rows are not isolated, with or without the plugin (a known gap, not yet
-    closed: the plugin changes only the training batches): TRL 0.20-0.23 drop the rows' position_ids
-    unless FlashAttention is selected, and transformers 4.x's SDPA does not separate packed sequences."""
-    import transformers
-    from packaging.version import Version
+def _eval_segments(trainer, batch):
+    """(token ids, row, start, end) of each example in an evaluation batch."""
+    if unsloth_patch.last_plan().packer == "TRL":
+        assert batch["input_ids"].shape[0] == 1 and ("position_ids" in batch or "cu_seq_lens_q" in batch)
+        segments = [(ids, 0, start, end) for ids, _, start, end in _segments(batch)]
+        assert len(segments) >= 2  # packed
+        return segments
+    examples = {tuple(ids) for ids in trainer.eval_dataset["input_ids"]}
+    segments = []
+    for row, mask in enumerate(batch["attention_mask"].bool()):
+        ids = tuple(batch["input_ids"][row][mask].tolist())
+        assert ids in examples  # one whole example of the eval dataset, not a cut of a stream
+        positions = mask.nonzero().flatten()
+        segments.append((ids, row, int(positions[0]), int(positions[-1]) + 1))
+    return segments
 
-    from .helpers import TRL
 
-    return _trl_packer() and (Version("0.20") <= TRL < Version("0.24")
-                              or Version(transformers.__version__).major < 5)
-
-
-@pytest.mark.xfail(_eval_attends_across_examples(), strict=True,
-                   reason="known gap: TRL's packed eval rows attend across examples here, as in a stock run")
-def test_eval_batches_of_a_packed_run_keep_every_example_to_itself(tokenizer, dataset, tmp_path):
-    """``eval_packing`` (on with ``packing``): evaluation never attends across examples. Where TRL packs
-    with boundaries, its packed eval rows keep them; where our packer packs the training rows (TRL
-    before 0.20), evaluation gets one whole example per padded row, never a wrapped stream."""
+def test_eval_of_a_packed_run_keeps_every_example_to_itself(tokenizer, dataset, tmp_path):
+    """``eval_packing`` (on with ``packing``): evaluation and prediction never attend across examples,
+    during and after ``train()``. Where TRL packs the eval rows, every example's logits in them equal its
+    own forward — also on the stacks where a stock evaluation lets them attend to each other (TRL
+    0.20-0.23 drop the rows' positions, transformers 4.x's SDPA ignores them); where our packer packs the
+    training rows (TRL before 0.20), evaluation gets one whole example per padded row."""
     from trl import SFTConfig
 
     strategy = "eval_strategy" if "eval_strategy" in config_fields(SFTConfig) else "evaluation_strategy"
     config = sft_config(tmp_path, max_length=MAX_LENGTH, max_steps=2, per_device_train_batch_size=2,
-                        per_device_eval_batch_size=2, packing=True, eval_steps=1, **{strategy: "steps"})
+                        per_device_eval_batch_size=2, packing=True, eval_steps=1, bf16=False,  # fp32 logits
+                        **{strategy: "steps"})
     trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, config, eval_dataset=dataset.select(range(12)))
-    batch = next(iter(trainer.get_eval_dataloader()))
-    batch = {k: v for k, v in batch.items() if k != LABEL_OFFSET_KEY}
+    trainer.train()
+    evaluated = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evaluated) == 2 and all(torch.isfinite(torch.tensor(evaluated)))  # inside train(), at each step
+    batches = [{k: v for k, v in b.items() if k != LABEL_OFFSET_KEY} for b in trainer.get_eval_dataloader()]
+    predicted = trainer.predict(trainer.eval_dataset).predictions  # after train(): the model as given again
+    predicted = torch.as_tensor(predicted[0] if isinstance(predicted, tuple) else predicted)
     model = trainer.model.eval()
+    rows_per_batch = predicted.shape[0] // len(batches)
+    checked = 0
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        if unsloth_patch.last_plan().packer == "TRL":
-            assert batch["input_ids"].shape[0] == 1 and ("position_ids" in batch or "cu_seq_lens_q" in batch)
-            segments = [(ids, 0, start, end) for ids, _, start, end in _segments(batch)]
-            assert len(segments) >= 2  # packed
-        else:
-            examples = {tuple(ids) for ids in trainer.eval_dataset["input_ids"]}
-            segments = []
-            for row, mask in enumerate(batch["attention_mask"].bool()):
-                ids = tuple(batch["input_ids"][row][mask].tolist())
-                assert ids in examples  # one whole example of the eval dataset, not a cut of a stream
-                positions = mask.nonzero().flatten()
-                segments.append((ids, row, int(positions[0]), int(positions[-1]) + 1))
-        for ids, row, start, end in segments:
-            own = model(input_ids=torch.tensor([ids])).logits[0]
-            assert (logits[row, start:end] - own).abs().max().item() <= 1e-5
+        for index, batch in enumerate(batches):
+            logits = predicted[index * rows_per_batch:(index + 1) * rows_per_batch]
+            for ids, row, start, end in _eval_segments(trainer, batch):
+                own = model(input_ids=torch.tensor([ids])).logits[0]
+                assert (logits[row, start:end].float() - own).abs().max().item() <= 1e-5
+                checked += 1
+    assert checked == len(trainer.eval_dataset["input_ids"]) if unsloth_patch.last_plan().packer != "TRL" \
+        else checked == sum(len(n) for n in trainer.eval_dataset["seq_lengths"])

@@ -39,6 +39,18 @@ if mode == "one":
     warm_up([specs[index]], device)
 elif mode == "threads":  # the plugin's own way: a thread per launch (forward and backward apart)
     warm_up(specs, device)
+elif mode == "timed":  # serially, each launch timed on its own: where the compile time goes
+    from unsloth_patch.kernels.warmup import _LAUNCHES
+    each = []
+    for spec in specs:
+        for launch in _LAUNCHES[type(spec)]:
+            t0 = time.perf_counter()
+            launch(spec, device)
+            torch.cuda.synchronize()
+            each.append([type(spec).__name__, launch.__name__, time.perf_counter() - t0])
+    print(json.dumps({"specs": len(specs), "import_s": imported - started, "warmup_s": time.perf_counter() - imported,
+                      "launches": each}))
+    sys.exit(0)
 else:
     warm_up(specs, device, parallel=False)
 torch.cuda.synchronize()
@@ -64,25 +76,33 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama", choices=["llama", "qwen3"])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--modes", default="serial,threads,timed,processes",
+                        help="comma-separated: serial, threads, timed (each launch timed serially), processes")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
     results = {}
-    for mode in ("serial", "threads"):
+    for mode in [m for m in ("serial", "threads", "timed") if m in modes]:
         started = time.perf_counter()
         r = _result(_child(mode, args.model, 0, tempfile.mkdtemp(prefix=f"triton-{mode}-")))
         results[mode] = dict(r, wall_s=time.perf_counter() - started)
-    cache = tempfile.mkdtemp(prefix="triton-processes-")
-    started = time.perf_counter()
-    count = results["serial"]["specs"]
-    children = [_child("one", args.model, i, cache) for i in range(count)]
-    for child in children:
-        _result(child)
-    parent = _result(_child("serial", args.model, 0, cache))
-    results["processes"] = dict(parent, wall_s=time.perf_counter() - started)
-    # what a training process would wait: everything but the parent's own imports (it has them already)
-    results["processes"]["warmup_s"] = results["processes"]["wall_s"] - parent["import_s"]
+    if "processes" in modes:
+        cache = tempfile.mkdtemp(prefix="triton-processes-")
+        started = time.perf_counter()
+        if not results:
+            raise SystemExit("processes needs another mode first (it takes the variant count from it)")
+        count = next(iter(results.values()))["specs"]
+        children = [_child("one", args.model, i, cache) for i in range(count)]
+        for child in children:
+            _result(child)
+        parent = _result(_child("serial", args.model, 0, cache))
+        results["processes"] = dict(parent, wall_s=time.perf_counter() - started)
+        # what a training process would wait: everything but the parent's own imports (it has them already)
+        results["processes"]["warmup_s"] = results["processes"]["wall_s"] - parent["import_s"]
     for mode, r in results.items():
         print(f"{mode:9s} warm-up {r['warmup_s']:.2f}s (process wall {r['wall_s']:.2f}s, import {r['import_s']:.2f}s, "
               f"{r['specs']} variants)")
+        for spec, launch, seconds in r.get("launches", []):
+            print(f"          {spec:13s} {launch:26s} {seconds:.2f}s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "results": results}, f, indent=1)

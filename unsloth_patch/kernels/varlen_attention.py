@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 try:  # torch and triton are optional at import time; checked when called.
@@ -580,49 +581,75 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap)
 
 
 def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap):
-    total, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    num_seqs = cu_seqlens.numel() - 1
-    block_d = triton.next_power_of_2(head_dim)
-    sm_scale, qk_scale_log2, softcap_in, softcap_out_log2 = _scalars(head_dim, sm_scale, softcap)
-    cfg = _select_config(head_dim, block_d, q.dtype, q.device)
+    plan = _backward_plan(q, k, sm_scale, causal, window, softcap)
     do = _last_dim_contiguous(do)
+    delta = _backward_delta(plan, out, do, lse)
+    dk, dv = _backward_kv(plan, do, q, k, v, lse, delta, cu_seqlens, max_seqlen, window)
+    dq = _backward_q(plan, do, q, k, v, lse, delta, cu_seqlens, max_seqlen, window)
+    return dq, dk, dv
+
+
+@dataclass(frozen=True)
+class _BackwardPlan:
+    """What the backward's three launches share; each launch compiles apart (the warm-up runs them at once)."""
+
+    scalars: tuple  # sm_scale, qk_scale_log2, softcap_in, softcap_out_log2
+    cfg: dict
+    common: dict
+    block_d: int
+
+
+def _backward_plan(q, k, sm_scale, causal, window, softcap) -> _BackwardPlan:
+    head_dim, num_q_heads, num_kv_heads = q.shape[2], q.shape[1], k.shape[1]
+    block_d = triton.next_power_of_2(head_dim)
     common = dict(
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         CAUSAL=causal, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
     )
+    return _BackwardPlan(_scalars(head_dim, sm_scale, softcap), _select_config(head_dim, block_d, q.dtype, q.device),
+                         common, block_d)
 
+
+def _backward_delta(plan: _BackwardPlan, out, do, lse):
+    """rowsum(dO * O) per query row and head."""
+    total, num_q_heads, head_dim = out.shape
     delta = torch.empty_like(lse)
-    block_t = 64 if block_d <= 128 else 32
+    block_t = 64 if plan.block_d <= 128 else 32
     _bwd_delta_kernel[(triton.cdiv(total, block_t), num_q_heads)](
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), total,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
+        HEAD_DIM=head_dim, BLOCK_D=plan.block_d, BLOCK_T=block_t,
     )
+    return delta
 
+
+def _backward_kv(plan: _BackwardPlan, do, q, k, v, lse, delta, cu_seqlens, max_seqlen, window):
+    total, num_kv_heads, num_seqs = q.shape[0], k.shape[1], cu_seqlens.numel() - 1
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    block_m, block_n, num_warps, num_stages = cfg["bwd_kv"]
+    block_m, block_n, num_warps, num_stages = plan.cfg["bwd_kv"]
     _bwd_kv_kernel[(num_kv_heads, num_seqs, triton.cdiv(max_seqlen, block_n))](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        total, window or 0,
-        sm_scale, qk_scale_log2, softcap_in, softcap_out_log2,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
+        total, window or 0, *plan.scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **plan.common,
     )
+    return dk, dv
 
+
+def _backward_q(plan: _BackwardPlan, do, q, k, v, lse, delta, cu_seqlens, max_seqlen, window):
+    total, num_q_heads, num_seqs = q.shape[0], q.shape[1], cu_seqlens.numel() - 1
     dq = torch.empty_like(q)
-    block_m, block_n, num_warps, num_stages = cfg["bwd_q"]
+    block_m, block_n, num_warps, num_stages = plan.cfg["bwd_q"]
     _bwd_q_kernel[(num_q_heads, num_seqs, triton.cdiv(max_seqlen, block_m))](
         q, k, v, do, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-        total, window or 0,
-        sm_scale, qk_scale_log2, softcap_in, softcap_out_log2,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
+        total, window or 0, *plan.scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **plan.common,
     )
-    return dq, dk, dv
+    return dq
 
 
 KERNEL = "varlen attention kernel"

@@ -69,13 +69,29 @@ def _attention_forward(spec: AttentionSpec, device) -> None:
     va._forward(q, k, v, cu, longest, None, True, window, spec.softcap)
 
 
-def _attention_backward(spec: AttentionSpec, device) -> None:
-    """The backward's kernels on a made-up forward result: they compile apart from the forward's."""
+def _backward_inputs(spec: AttentionSpec, device):
+    """A made-up forward result for the backward's launches (they compile apart from the forward's)."""
     va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
     q, k, v, cu, longest, window = _attention_inputs(spec, device)
     out = torch.randn_like(q)
     lse = torch.randn(spec.heads, q.shape[0], device=device, dtype=torch.float32).abs() + 1.0
-    va._backward(torch.randn_like(out), q, k, v, out, lse, cu, longest, None, True, window, spec.softcap)
+    plan = va._backward_plan(q, k, None, True, window, spec.softcap)
+    return va, plan, torch.randn_like(out), q, k, v, out, lse, cu, longest, window
+
+
+def _attention_backward_delta(spec: AttentionSpec, device) -> None:
+    va, plan, do, q, k, v, out, lse, cu, longest, window = _backward_inputs(spec, device)
+    va._backward_delta(plan, out, do, lse)
+
+
+def _attention_backward_kv(spec: AttentionSpec, device) -> None:
+    va, plan, do, q, k, v, out, lse, cu, longest, window = _backward_inputs(spec, device)
+    va._backward_kv(plan, do, q, k, v, lse, torch.randn_like(lse), cu, longest, window)
+
+
+def _attention_backward_q(spec: AttentionSpec, device) -> None:
+    va, plan, do, q, k, v, out, lse, cu, longest, window = _backward_inputs(spec, device)
+    va._backward_q(plan, do, q, k, v, lse, torch.randn_like(lse), cu, longest, window)
 
 
 def _norm_inputs(spec: NormSpec, device):
@@ -118,7 +134,8 @@ def _rope(spec: RopeSpec, device) -> None:
 
 
 # the launches of each kind of spec, each compiling kernels of its own (so they may run at once)
-_LAUNCHES = {AttentionSpec: (_attention_forward, _attention_backward), NormSpec: (_norm_forward, _norm_backward),
+_LAUNCHES = {AttentionSpec: (_attention_forward, _attention_backward_delta, _attention_backward_kv,
+                             _attention_backward_q), NormSpec: (_norm_forward, _norm_backward),
              GatedSpec: (_gated,), RopeSpec: (_rope,)}
 
 

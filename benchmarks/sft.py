@@ -139,9 +139,7 @@ def _model_config(name: str, vocab_size: int):
 
     if name == "tiny":  # CPU smoke runs of the harness itself
         return tiny.build_model("llama", vocab_size=vocab_size, hidden_size=64, num_layers=2).config
-    builder = {"llama": tiny.build_llama_1b_config, "qwen2": tiny.build_qwen2_1b_config,
-               "qwen3": tiny.build_qwen3_1b_config}[name]
-    return builder()
+    return getattr(tiny, f"build_{name}_1b_config")()  # looked up by name: older builds (--patch-path) lack some
 
 
 def _load_model(config: Config, args, model_config, tokenizer, device):

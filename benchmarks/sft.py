@@ -338,7 +338,7 @@ def run_all(args) -> None:
     runs = [(rep, name, phase) for rep in range(args.repeat) for name in names for phase in _phases(args)]
     for rep, name, phase in runs:  # interleaved: every configuration's repeat r before any r + 1
         config = CONFIGS[name]
-        suffix = f"-r{rep + 1}" if args.repeat > 1 else ""
+        suffix = f"-r{rep + args.first_repeat}" if args.repeat > 1 or args.first_repeat > 1 else ""
         target = out / f"{args.model}{args.tag}-{name}-{phase}{suffix}.json"
         cmd = [*_launcher(args), __file__, "run", "--config", name, "--model", args.model, "--data", args.data,
                "--out", str(target), "--min-tokens", str(args.min_tokens), "--batch-size", str(args.batch_size),
@@ -545,6 +545,8 @@ def main(argv=None) -> int:
     parser.add_argument("--phase", default="cold", choices=["cold", "warm"], help=argparse.SUPPRESS)
     parser.add_argument("--peer-path", default="", help="PYTHONPATH for the Unsloth configurations (their own "
                         "site directory with TRL <= 1.15), when they run in the same call as the others")
+    parser.add_argument("--first-repeat", type=int, default=1, help="number of the first repeat (result files "
+                        "-rN): calls that interleave by hand (e.g. two builds) add repeats to one median")
     parser.add_argument("--patch-path", default="", help="PYTHONPATH ahead of this checkout for the unsloth_patch "
                         "configurations: a directory holding another build's unsloth_patch package (e.g. `git "
                         "archive` of an earlier commit), to compare builds in one call (give it its own --tag)")

@@ -127,9 +127,13 @@ def run(args) -> dict:
     events = state["prof"].key_averages()
     result = summarize(events, args.steps, state["wall"], on_gpu=cuda)
     ranked = sorted(events, key=lambda e: -_device_us(e, cuda))[:25]
+    if config.patched:
+        result["package"] = str(pathlib.Path(sys.modules["unsloth_patch"].__file__).parent)
     result.update(config=args.config, model=args.model, card=torch.cuda.get_device_name(0) if cuda else "cpu",
                   steps=args.steps, warmup=args.warmup, date=time.strftime("%Y-%m-%d"),
-                  top=[(e.key, _device_us(e, cuda) / 1000 / args.steps) for e in ranked])
+                  top=[(e.key, _device_us(e, cuda) / 1000 / args.steps) for e in ranked],
+                  host_top=[(e.key, float(e.self_cpu_time_total) / 1000 / args.steps, e.count // args.steps)
+                            for e in sorted(events, key=lambda e: -float(e.self_cpu_time_total or 0))[:40]])
     return result
 
 

@@ -245,10 +245,13 @@ def test_eval_of_a_packed_run_keeps_every_example_to_itself(tokenizer, dataset, 
     training rows (TRL before 0.20), evaluation gets one whole example per padded row."""
     from trl import SFTConfig
 
-    strategy = "eval_strategy" if "eval_strategy" in config_fields(SFTConfig) else "evaluation_strategy"
+    fields = config_fields(SFTConfig)
+    strategy = "eval_strategy" if "eval_strategy" in fields else "evaluation_strategy"
+    # TRL releases whose default loss is the chunked LM head return no logits from predict(), stock or not
+    logits = {"loss_type": "nll"} if "loss_type" in fields else {}
     config = sft_config(tmp_path, max_length=MAX_LENGTH, max_steps=2, per_device_train_batch_size=2,
                         per_device_eval_batch_size=2, packing=True, eval_steps=1, bf16=False,  # fp32 logits
-                        **{strategy: "steps"})
+                        **{strategy: "steps"}, **logits)
     trainer = sft_trainer(_model(tokenizer), tokenizer, dataset, config, eval_dataset=dataset.select(range(12)))
     trainer.train()
     evaluated = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]

@@ -12,6 +12,7 @@ peers, ours): the instance's ``training_step`` is wrapped to count each micro-ba
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import asdict, dataclass
 
@@ -85,12 +86,26 @@ class RunMeter:
 
     def train(self, **kwargs):
         self.synchronize()
+        watch = _Watch()
         start = time.perf_counter()
-        output = self.trainer.train(**kwargs)
-        self.synchronize()
+        with watch:
+            output = self.trainer.train(**kwargs)
+            self.synchronize()
         self.wall_s = time.perf_counter() - start
         self.start = start
+        self.watch = watch
         return output
+
+    def diagnostics(self) -> dict:
+        """Where a step's time may go besides the GPU's work: each step's duration, the host time between
+        steps (data, logging), garbage collections, Triton compilations and CUDA allocator calls during
+        ``train()``, each stamped in seconds from its start, so a slow run shows whether it was slow
+        throughout or in a few events."""
+        out = {"step_s": [round(b - a, 5) for a, b in self.step_times if b is not None],
+               "between_steps_s": [round(n[0] - p[1], 5) for p, n in zip(self.step_times, self.step_times[1:])
+                                   if p[1] is not None]}
+        out.update(self.watch.report(self.start))
+        return out
 
     def times(self, output) -> RunTimes:
         steps = len(self.step_times)
@@ -118,3 +133,75 @@ def _synchronizer():
     except Exception:  # pragma: no cover
         pass
     return lambda: None
+
+
+class _Watch:
+    """Garbage collections (``gc.callbacks``), Triton compilations (``triton.knobs.runtime.
+    jit_post_compile_hook``, chained to any hook already set) and the CUDA caching allocator's device
+    calls while the block runs. Each part is left out where the installed version lacks it."""
+
+    def __init__(self):
+        self.collections = []  # (start, seconds, generation)
+        self.compiles = []  # (time, kernel)
+        self._gc_start = None
+        self._knobs = None
+        self._previous_hook = None
+        self._alloc_before = None
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            now = time.perf_counter()
+            self.collections.append((self._gc_start, now - self._gc_start, info.get("generation")))
+            self._gc_start = None
+
+    def _on_compile(self, *args, **kwargs):
+        fn = kwargs.get("fn")
+        name = getattr(fn, "name", None) or getattr(getattr(fn, "fn", None), "__name__", None) or "?"
+        self.compiles.append((time.perf_counter(), str(name)))
+        if self._previous_hook is not None:
+            return self._previous_hook(*args, **kwargs)
+        return None
+
+    @staticmethod
+    def _allocator():
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return None
+            stats = torch.cuda.memory_stats()
+            return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                                                    "num_sync_all_streams")}
+        except Exception:
+            return None
+
+    def __enter__(self):
+        gc.callbacks.append(self._on_gc)
+        try:
+            from triton import knobs
+
+            self._knobs = knobs
+            self._previous_hook = knobs.runtime.jit_post_compile_hook
+            knobs.runtime.jit_post_compile_hook = self._on_compile
+        except Exception:
+            self._knobs = None
+        self._alloc_before = self._allocator()
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._on_gc)
+        if self._knobs is not None:
+            self._knobs.runtime.jit_post_compile_hook = self._previous_hook
+        after = self._allocator()
+        self._alloc = ({k: after[k] - self._alloc_before.get(k, 0) for k in after}
+                       if after is not None and self._alloc_before is not None else None)
+        return False
+
+    def report(self, start: float) -> dict:
+        return {"gc": [(round(t - start, 4), round(d, 5), g) for t, d, g in self.collections],
+                "gc_s": round(sum(d for _, d, _ in self.collections), 5),
+                "triton_compiles": [(round(t - start, 4), name) for t, name in self.compiles]
+                if self._knobs is not None else None,
+                "allocator": self._alloc}

@@ -248,7 +248,7 @@ def run_one(args) -> dict:
         "real_tokens": times.tokens, "dataset_tokens": real_tokens, **times.as_dict(),
         "peak_gib": peak, "world_size": world, "wrapper": type(trainer.model_wrapped).__name__,
         "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)), "launch": os.environ.get("SFT_BENCH_LAUNCH") or None,
-        "losses": losses, "final_loss": losses[-1] if losses else None,
+        "losses": losses, "final_loss": losses[-1] if losses else None, "diagnostics": meter.diagnostics(),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "gradient_accumulation_steps": int(trainer.args.gradient_accumulation_steps), "optim": str(trainer.args.optim),
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),

@@ -26,7 +26,7 @@ TARGETS_CHECK = textwrap.dedent("""
         return owner, parts[-1]
     def current(target):
         owner, name = resolve(target)
-        return vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name)
+        return vars(owner).get(name)  # a class or a module: its own attribute, None where absent
     def ours(value):
         names = []
         while value is not None and getattr(value, "_self_unsloth_patch", None):
@@ -59,9 +59,10 @@ def test_patched_when_imported_after_trl_and_remove_restores_identity():
     result = run_python(TARGETS_CHECK + textwrap.dedent("""
         from trl import SFTTrainer, SFTConfig
         import transformers.trainer, transformers.modeling_utils, transformers.training_args
-        import trl.trainer.sft_config
-        classes = [SFTTrainer, SFTConfig, transformers.trainer.Trainer, transformers.training_args.TrainingArguments]
-        snapshot = {cls: dict(vars(cls)) for cls in classes}
+        import trl.trainer.sft_config, trl.trainer.sft_trainer
+        owners = [SFTTrainer, SFTConfig, transformers.trainer.Trainer, transformers.training_args.TrainingArguments,
+                  trl.trainer.sft_trainer]  # the module: its add_fused_lm_head (TRL >= 1.15)
+        snapshot = {owner: dict(vars(owner)) for owner in owners}
         import unsloth_patch
         from unsloth_patch import registry
         targets = [t for p in registry.PATCHES if not p.install for t in p.targets]

@@ -3,6 +3,7 @@ launching them on a few rows works (here in the Triton interpreter; on a GPU it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 from unsloth_patch import warmup
 from unsloth_patch.settings import Settings
 from unsloth_patch.tiny import build_model
+
+from .helpers import needs_trl, sft_config, sft_trainer, text_dataset
 
 
 def test_specs_follow_the_models_config():
@@ -89,3 +92,66 @@ def test_launches_run_on_threads_and_failures_are_reported_once_per_spec(monkeyp
     ran.clear()
     kw.warm_up([norm, gated], "cpu", parallel=False)
     assert [name for _, name in ran] == ["forward", "backward", "gated"]
+
+
+@needs_trl("1.15", "fused LM head")
+def test_trls_fused_head_kernels_are_launched_as_trl_calls_them(monkeypatch, tmp_path, tokenizer):
+    """While our warm-up runs, SFTTrainer's add_fused_lm_head also hands TRL's chunked log-prob function to
+    it: the launch calls TRL's function with the model's vocabulary, TRL's chunk size and the outputs TRL
+    asked for, forward and backward, and leaves the model and its gradients alone."""
+    from trl.trainer import utils as trl_utils
+
+    from unsloth_patch.patches import fused_head_warmup
+
+    started = []
+    monkeypatch.setattr(warmup, "start_task", lambda name, launch: started.append((name, launch)) or True)
+    model = build_model("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    sft_trainer(model, tokenizer, text_dataset(tokenizer, limit=8), sft_config(tmp_path, max_length=64))
+    assert [name for name, _ in started] == ["TRL fused LM head"]
+
+    calls = []
+    original = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    started[0][1](torch.device("cpu"), torch.float32)
+    (hidden, weight, bias, targets, temperature, chunk_size, softcap, scale, outputs), = calls
+    assert weight.shape[0] == model.get_output_embeddings().weight.shape[0] and bias is None
+    assert chunk_size == trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE and temperature == 1.0
+    assert set(outputs) >= {"log_probs", "entropy"}  # what SFTTrainer asks its head for
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()  # the backward ran
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert fused_head_warmup.TOKENS == hidden.shape[0]
+
+
+def test_extra_tasks_start_only_beside_a_running_warm_up_and_are_waited_for(monkeypatch):
+    import threading
+
+    assert warmup.start_task("nothing running", lambda device, dtype: None) is False
+    release, ran = threading.Event(), []
+    ours = threading.Thread(target=release.wait, daemon=True)
+    ours.start()
+    monkeypatch.setattr(warmup, "_thread", ours)
+    monkeypatch.setitem(warmup._started, "device", torch.device("cpu"))
+    monkeypatch.setitem(warmup._started, "compute_dtype", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    def slow(device, dtype):
+        release.wait()
+        ran.append((device, dtype))
+
+    assert warmup.start_task("slow", slow) is True
+    assert warmup.start_task("broken", lambda device, dtype: 1 / 0) is True
+    assert warmup.pending()
+    release.set()
+    outcome = warmup.wait(timeout=30)
+    assert ran == [(torch.device("cpu"), torch.bfloat16)] and not warmup.pending()
+    assert outcome["tasks"]["slow"]["error"] is None
+    assert outcome["tasks"]["broken"]["error"].startswith("ZeroDivisionError")
+

@@ -96,6 +96,16 @@ PATCHES: tuple[Patch, ...] = (
         parameters=("resume_from_checkpoint", "trial"),
     ),
     Patch(
+        name="fused_head_warmup",
+        summary="Compile TRL's fused LM head kernels beside ours before the first step (TRL's head unchanged).",
+        targets=(f"{TRL_MODULE}:add_fused_lm_head",),
+        requires={"trl": ">=1.15"},
+        toggle="KERNELS",
+        active=_on("kernels"),
+        handler="unsloth_patch.patches.fused_head_warmup:handle_add_fused_lm_head",
+        parameters=("model", "outputs"),
+    ),
+    Patch(
         name="train_collator",
         summary="Serve the padding-free collator to the training dataloader (evaluation keeps TRL's).",
         targets=(f"{TRAINER_MODULE}:Trainer.get_train_dataloader",),

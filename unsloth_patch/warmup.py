@@ -23,6 +23,8 @@ from . import log
 _lock = threading.Lock()
 _thread: Optional[threading.Thread] = None
 _outcome: dict = {}
+_started: dict = {}  # device and compute dtype of the warm-up begun last (for start_task)
+_tasks: list = []  # threads of start_task, joined by wait()
 
 
 def specs_for(model_config, compute_dtype, param_dtype, settings) -> list:
@@ -102,6 +104,38 @@ def start(model, args, settings) -> bool:
         if _thread is not None and _thread.is_alive():
             return False  # one at a time; the next trainer's train() finds the variants already compiled
         _thread = thread
+        _started.update(device=device, compute_dtype=compute_dtype)
+    thread.start()
+    return True
+
+
+def start_task(name: str, launch) -> bool:
+    """Compile kernels that are not ours but that the first step would compile (TRL's fused LM head),
+    beside the running warm-up, on a thread of their own: ``launch(device, compute_dtype)`` runs them
+    once. Only while a warm-up of ours is running (so on a CUDA GPU with Triton); True if begun."""
+    with _lock:
+        if _thread is None or not _thread.is_alive():
+            return False
+        device, compute_dtype = _started["device"], _started["compute_dtype"]
+
+    def run():
+        import torch
+
+        started = time.perf_counter()
+        error = None
+        try:
+            with torch.cuda.device(device):
+                launch(device, compute_dtype)
+                torch.cuda.synchronize(device)
+        except Exception as exc:  # never reaches the user; the real call compiles as it would have
+            error = f"{type(exc).__name__}: {exc}"
+            log.logger.debug("kernel warm-up: %s failed (%s)", name, error)
+        with _lock:
+            _outcome.setdefault("tasks", {})[name] = {"seconds": time.perf_counter() - started, "error": error}
+
+    thread = threading.Thread(target=run, name=f"unsloth_patch-warmup-{name}", daemon=True)
+    with _lock:
+        _tasks.append(thread)
     thread.start()
     return True
 
@@ -126,14 +160,18 @@ def _run(specs, device) -> None:
 def pending() -> bool:
     """Whether a warm-up started in this process has not been waited for yet."""
     with _lock:
-        return _thread is not None and _thread.is_alive()
+        return any(t is not None and t.is_alive() for t in (_thread, *_tasks))
 
 
 def wait(timeout: float = 300.0) -> Optional[dict]:
     """Before the first launch: let a running warm-up finish (so nothing compiles twice)."""
     with _lock:
-        thread = _thread
-    if thread is None:
+        threads = [t for t in (_thread, *_tasks) if t is not None]
+    if not threads:
         return None
-    thread.join(timeout)
-    return dict(_outcome)
+    deadline = time.perf_counter() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.perf_counter()))
+    with _lock:
+        _tasks[:] = [t for t in _tasks if t.is_alive()]
+        return dict(_outcome)

@@ -222,7 +222,9 @@ def run_one(args) -> dict:
         import unsloth_patch  # noqa: F401  (the one line a user adds)
     elif os.environ.get("UNSLOTH_PATCH_DISABLE") != "1":
         raise SystemExit("run peers with UNSLOTH_PATCH_DISABLE=1 (the `all` command does)")
+    built_at = time.perf_counter()
     trainer = build_trainer(args, config)
+    build_s = time.perf_counter() - built_at  # model, dataset, SFTTrainer(...): before train()'s clock
     import torch
     import transformers
     import trl
@@ -246,7 +248,7 @@ def run_one(args) -> dict:
         "config": args.config, "model": args.model + args.tag, "notes": config.notes, "phase": args.phase,
         "batch_size": args.batch_size, "params": sum(p.numel() for p in trainer.model.parameters()),
         "real_tokens": times.tokens, "dataset_tokens": real_tokens, **times.as_dict(),
-        "peak_gib": peak, "world_size": world, "wrapper": type(trainer.model_wrapped).__name__,
+        "peak_gib": peak, "build_s": build_s, "world_size": world, "wrapper": type(trainer.model_wrapped).__name__,
         "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)), "launch": os.environ.get("SFT_BENCH_LAUNCH") or None,
         "losses": losses, "final_loss": losses[-1] if losses else None, "diagnostics": meter.diagnostics(),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),

@@ -62,8 +62,11 @@ def test_every_variant_launches(monkeypatch):
              kw.NormSpec(96, dtype, dtype), kw.NormSpec(64, dtype, dtype, 1.0), kw.NormSpec(640, dtype, dtype),
              kw.GatedSpec(dtype), kw.GatedSpec(dtype, gelu=True), kw.RopeSpec(4, 2, 64, dtype, dtype),
              kw.RopeSpec(6, 1, 80, dtype, torch.float32)]
+    streams = torch.random.get_rng_state(), (torch.cuda.get_rng_state() if device == "cuda" else None)
     assert kw.warm_up(specs, device) == []
     assert os.environ.get("TRITON_INTERPRET") == "1" or device == "cuda"
+    assert torch.equal(torch.random.get_rng_state(), streams[0])  # the user's random streams are not drawn from
+    assert device != "cuda" or torch.equal(torch.cuda.get_rng_state(), streams[1])
 
 
 def test_launches_run_on_threads_and_failures_are_reported_once_per_spec(monkeypatch):
@@ -118,7 +121,9 @@ def test_trls_fused_head_kernels_are_launched_as_trl_calls_them(monkeypatch, tmp
         return original(*args)
 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    stream = torch.random.get_rng_state()
     started[0][1](torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.random.get_rng_state(), stream)  # made-up inputs from a generator of their own
     (hidden, weight, bias, targets, temperature, chunk_size, softcap, scale, outputs), = calls
     assert weight.shape[0] == model.get_output_embeddings().weight.shape[0] and bias is None
     assert chunk_size == trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE and temperature == 1.0

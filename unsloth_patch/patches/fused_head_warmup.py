@@ -58,10 +58,11 @@ def launch(model, temperature, cast_fp32, outputs, device, compute_dtype):
     vocab = head.weight.shape[0]
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     softcap = getattr(text, "final_logit_softcapping", None)
-    weight = torch.randn(vocab, WIDTH, device=device, dtype=head.weight.dtype)
-    hidden = torch.randn(TOKENS, WIDTH, device=device, dtype=torch.float32 if cast_fp32 else compute_dtype,
-                         requires_grad=True)
-    targets = torch.randint(0, vocab, (TOKENS,), device=device)
+    gen = torch.Generator(device=device).manual_seed(0)  # never the user's random streams (LoRA init, dropout)
+    weight = torch.empty(vocab, WIDTH, device=device, dtype=head.weight.dtype).normal_(generator=gen)
+    hidden = torch.empty(TOKENS, WIDTH, device=device, dtype=torch.float32 if cast_fp32 else compute_dtype)
+    hidden = hidden.normal_(generator=gen).requires_grad_()
+    targets = torch.randint(0, vocab, (TOKENS,), device=device, generator=gen)
     # the trainer's mixed precision runs the head under autocast; TRL's fp32 head turns it off
     autocast = (torch.autocast(device.type, dtype=compute_dtype)
                 if not cast_fp32 and compute_dtype in (torch.bfloat16, torch.float16) else contextlib.nullcontext())

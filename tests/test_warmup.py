@@ -134,10 +134,13 @@ def test_trls_fused_head_kernels_are_launched_as_trl_calls_them(monkeypatch, tmp
     assert fused_head_warmup.TOKENS == hidden.shape[0]
 
 
-def test_extra_tasks_start_only_beside_a_running_warm_up_and_are_waited_for(monkeypatch):
+def test_extra_tasks_start_once_a_warm_up_of_ours_was_begun_and_are_waited_for(monkeypatch):
     import threading
 
-    assert warmup.start_task("nothing running", lambda device, dtype: None) is False
+    monkeypatch.setattr(warmup, "_tasks", [])
+    monkeypatch.setattr(warmup, "_thread", None)
+    monkeypatch.setattr(warmup, "_started", {})
+    assert warmup.start_task("no warm-up of ours begun", lambda device, dtype: None) is False
     release, ran = threading.Event(), []
     ours = threading.Thread(target=release.wait, daemon=True)
     ours.start()
@@ -159,4 +162,8 @@ def test_extra_tasks_start_only_beside_a_running_warm_up_and_are_waited_for(monk
     assert ran == [(torch.device("cpu"), torch.bfloat16)] and not warmup.pending()
     assert outcome["tasks"]["slow"]["error"] is None
     assert outcome["tasks"]["broken"]["error"].startswith("ZeroDivisionError")
+    ours.join(timeout=30)  # ours done (its kernels compiled before TRL built its head): still begun
+    assert warmup.start_task("after ours", lambda device, dtype: ran.append("after")) is True
+    warmup.wait(timeout=30)
+    assert ran[-1] == "after"
 

@@ -111,10 +111,12 @@ def start(model, args, settings) -> bool:
 
 def start_task(name: str, launch) -> bool:
     """Compile kernels that are not ours but that the first step would compile (TRL's fused LM head),
-    beside the running warm-up, on a thread of their own: ``launch(device, compute_dtype)`` runs them
-    once. Only while a warm-up of ours is running (so on a CUDA GPU with Triton); True if begun."""
+    beside ours, on a thread of their own: ``launch(device, compute_dtype)`` runs them once. Only once
+    a warm-up of ours was begun in this process (so on a CUDA GPU with Triton), on its device and
+    compute dtype — also when ours already finished (a dataset that took longer than our kernels).
+    True if begun."""
     with _lock:
-        if _thread is None or not _thread.is_alive():
+        if _thread is None or not _started:
             return False
         device, compute_dtype = _started["device"], _started["compute_dtype"]
 

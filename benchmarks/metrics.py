@@ -147,6 +147,7 @@ class _Watch:
         self._knobs = None
         self._previous_hook = None
         self._alloc_before = None
+        self._alloc = None  # the allocator's calls during the block, set on exit
 
     def _on_gc(self, phase, info):
         if phase == "start":

@@ -116,7 +116,7 @@ def start_task(name: str, launch) -> bool:
     compute dtype — also when ours already finished (a dataset that took longer than our kernels).
     True if begun."""
     with _lock:
-        if _thread is None or not _started:
+        if not _started:  # set with our warm-up's thread, never cleared
             return False
         device, compute_dtype = _started["device"], _started["compute_dtype"]
 

@@ -50,17 +50,17 @@ class RopeSpec:
     table_dtype: torch.dtype  # cos and sin (transformers casts them to the hidden states' dtype)
 
 
-def _generator(device) -> torch.Generator:
+def own_generator(device) -> torch.Generator:
     """The made-up inputs' own random stream: a warm-up runs while the user's code runs (LoRA
     initialisation, dropout), and must not move the process's default generators."""
     return torch.Generator(device=device).manual_seed(0)
 
 
-def _normal(gen, *shape, device, dtype):
+def normal(gen, *shape, device, dtype):
     return torch.empty(*shape, device=device, dtype=dtype).normal_(generator=gen)
 
 
-def _normal_like(gen, t):
+def normal_like(gen, t):
     return torch.empty_like(t).normal_(generator=gen)  # same strides as ``t``: the launch's specialisation
 
 
@@ -68,10 +68,10 @@ def _attention_inputs(spec: AttentionSpec, device):
     lengths = [5, 67]  # a short and a longer-than-one-block sequence
     total = sum(lengths)
     cu = torch.tensor([0, lengths[0], total], dtype=torch.int32, device=device)
-    gen = _generator(device)
-    q = _normal(gen, total, spec.heads, spec.head_dim, device=device, dtype=spec.dtype)
-    k = _normal(gen, total, spec.kv_heads, spec.head_dim, device=device, dtype=spec.dtype)
-    v = _normal_like(gen, k)
+    gen = own_generator(device)
+    q = normal(gen, total, spec.heads, spec.head_dim, device=device, dtype=spec.dtype)
+    k = normal(gen, total, spec.kv_heads, spec.head_dim, device=device, dtype=spec.dtype)
+    v = normal_like(gen, k)
     window = spec.window if spec.window is not None and spec.window < max(lengths) else None
     if spec.window is not None and window is None:
         window = max(1, max(lengths) - 1)  # the windowed variant, whatever the real window
@@ -88,11 +88,11 @@ def _backward_inputs(spec: AttentionSpec, device):
     """A made-up forward result for the backward's launches (they compile apart from the forward's)."""
     va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
     q, k, v, cu, longest, window = _attention_inputs(spec, device)
-    gen = _generator(device)
-    out = _normal_like(gen, q)
-    lse = _normal(gen, spec.heads, q.shape[0], device=device, dtype=torch.float32).abs() + 1.0
+    gen = own_generator(device)
+    out = normal_like(gen, q)
+    lse = normal(gen, spec.heads, q.shape[0], device=device, dtype=torch.float32).abs() + 1.0
     plan = va._backward_plan(q, k, None, True, window, spec.softcap)
-    return va, plan, _normal_like(gen, out), q, k, v, out, lse, cu, longest, window
+    return va, plan, normal_like(gen, out), q, k, v, out, lse, cu, longest, window
 
 
 def _attention_backward_delta(spec: AttentionSpec, device) -> None:
@@ -102,18 +102,18 @@ def _attention_backward_delta(spec: AttentionSpec, device) -> None:
 
 def _attention_backward_kv(spec: AttentionSpec, device) -> None:
     va, plan, do, q, k, v, out, lse, cu, longest, window = _backward_inputs(spec, device)
-    va._backward_kv(plan, do, q, k, v, lse, _normal_like(_generator(device), lse), cu, longest, window)
+    va._backward_kv(plan, do, q, k, v, lse, normal_like(own_generator(device), lse), cu, longest, window)
 
 
 def _attention_backward_q(spec: AttentionSpec, device) -> None:
     va, plan, do, q, k, v, out, lse, cu, longest, window = _backward_inputs(spec, device)
-    va._backward_q(plan, do, q, k, v, lse, _normal_like(_generator(device), lse), cu, longest, window)
+    va._backward_q(plan, do, q, k, v, lse, normal_like(own_generator(device), lse), cu, longest, window)
 
 
 def _norm_inputs(spec: NormSpec, device):
-    gen = _generator(device)
-    x = _normal(gen, 8, spec.size, device=device, dtype=spec.dtype)
-    weight = _normal(gen, spec.size, device=device, dtype=spec.weight_dtype)
+    gen = own_generator(device)
+    x = normal(gen, 8, spec.size, device=device, dtype=spec.dtype)
+    weight = normal(gen, spec.size, device=device, dtype=spec.weight_dtype)
     return x, weight
 
 
@@ -126,31 +126,31 @@ def _norm_forward(spec: NormSpec, device) -> None:
 def _norm_backward(spec: NormSpec, device) -> None:
     rms = importlib.import_module("unsloth_patch.kernels.rmsnorm")
     x, weight = _norm_inputs(spec, device)
-    gen = _generator(device)
+    gen = own_generator(device)
     rstd = torch.empty(x.shape[0], device=device, dtype=torch.float32).uniform_(generator=gen) + 0.5
-    rms._backward_triton(_normal_like(gen, x), x, weight, rstd, spec.offset)
+    rms._backward_triton(normal_like(gen, x), x, weight, rstd, spec.offset)
 
 
 def _gated(spec: GatedSpec, device) -> None:
     sw = importlib.import_module("unsloth_patch.kernels.swiglu")
-    gen = _generator(device)
-    gate = _normal(gen, 4, 256, device=device, dtype=spec.dtype)
-    up = _normal_like(gen, gate)
+    gen = own_generator(device)
+    gate = normal(gen, 4, 256, device=device, dtype=spec.dtype)
+    up = normal_like(gen, gate)
     y = sw._forward_triton(gate, up, spec.gelu)
-    sw._backward_triton(_normal_like(gen, y), gate, up, spec.gelu)
+    sw._backward_triton(normal_like(gen, y), gate, up, spec.gelu)
 
 
 def _rope(spec: RopeSpec, device) -> None:
     rp = importlib.import_module("unsloth_patch.kernels.rope")
     tokens = 7
     # laid out as transformers lays them out: view(B, T, H, D).transpose(1, 2) of the projections
-    gen = _generator(device)
-    q = _normal(gen, 1, tokens, spec.heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
-    k = _normal(gen, 1, tokens, spec.kv_heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
-    cos = _normal(gen, 1, tokens, spec.head_dim, device=device, dtype=spec.table_dtype)
-    sin = _normal_like(gen, cos)
+    gen = own_generator(device)
+    q = normal(gen, 1, tokens, spec.heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
+    k = normal(gen, 1, tokens, spec.kv_heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
+    cos = normal(gen, 1, tokens, spec.head_dim, device=device, dtype=spec.table_dtype)
+    sin = normal_like(gen, cos)
     q_out, k_out = rp._forward_triton(q, k, cos, sin)
-    rp._backward_triton(_normal_like(gen, q_out), _normal_like(gen, k_out), cos, sin)
+    rp._backward_triton(normal_like(gen, q_out), normal_like(gen, k_out), cos, sin)
 
 
 # the launches of each kind of spec, each compiling kernels of its own (so they may run at once)

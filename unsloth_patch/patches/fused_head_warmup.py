@@ -52,16 +52,18 @@ def launch(model, temperature, cast_fp32, outputs, device, compute_dtype):
     import torch
     from trl.trainer import utils as trl_utils
 
+    from ..kernels.warmup import normal, own_generator
+
     function = trl_utils._ChunkedLogProbFunction
     chunk_size = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     softcap = getattr(text, "final_logit_softcapping", None)
-    gen = torch.Generator(device=device).manual_seed(0)  # never the user's random streams (LoRA init, dropout)
-    weight = torch.empty(vocab, WIDTH, device=device, dtype=head.weight.dtype).normal_(generator=gen)
-    hidden = torch.empty(TOKENS, WIDTH, device=device, dtype=torch.float32 if cast_fp32 else compute_dtype)
-    hidden = hidden.normal_(generator=gen).requires_grad_()
+    gen = own_generator(device)  # never the user's random streams (LoRA init, dropout)
+    weight = normal(gen, vocab, WIDTH, device=device, dtype=head.weight.dtype)
+    hidden = normal(gen, TOKENS, WIDTH, device=device, dtype=torch.float32 if cast_fp32 else compute_dtype)
+    hidden.requires_grad_()
     targets = torch.randint(0, vocab, (TOKENS,), device=device, generator=gen)
     # the trainer's mixed precision runs the head under autocast; TRL's fp32 head turns it off
     autocast = (torch.autocast(device.type, dtype=compute_dtype)

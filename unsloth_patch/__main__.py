@@ -81,6 +81,8 @@ def _here() -> list[str]:
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in started["phases"].items()) or "nothing"
         lines.append(f"last train(): start-up of ours {started['ours_s']:.2f} s ({parts}); "
                      f"{started['to_first_step_s']:.2f} s from train() to the first step")
+        for name, text in started.get("notes", {}).items():
+            lines.append(f"  {name}: {text}")
     return lines
 
 

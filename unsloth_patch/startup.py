@@ -17,14 +17,21 @@ from . import log
 
 _lock = threading.Lock()
 _current: dict = {}  # phase -> seconds, for the trainer being set up / trained
+_notes: dict = {}  # what a phase did (e.g. where the kernels compiled), for the same trainer
 _last: Optional[dict] = None
 
 
 def begin() -> None:
     """A new trainer: forget the previous one's phases."""
-    global _current
+    global _current, _notes
     with _lock:
-        _current = {}
+        _current, _notes = {}, {}
+
+
+def note(name: str, text: str) -> None:
+    """Say what a phase did, beside its time (one line per name)."""
+    with _lock:
+        _notes[name] = text
 
 
 @contextlib.contextmanager
@@ -43,13 +50,16 @@ def train_started(called_at: float) -> dict:
     """At the first step: the summary of this start-up, logged once and kept for the report."""
     global _last
     with _lock:
-        phases = dict(_current)
+        phases, notes = dict(_current), dict(_notes)
     ours = sum(phases.values())
     summary = {"phases": phases, "ours_s": ours, "to_first_step_s": time.perf_counter() - called_at}
+    if notes:
+        summary["notes"] = notes
     _last = summary
     parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items()) or "nothing"
-    log.logger.info("start-up: %s; ours %.2f s of %.2f s from train() to the first step",
-                    parts, ours, summary["to_first_step_s"])
+    said = "".join(f"; {name}: {text}" for name, text in notes.items())
+    log.logger.info("start-up: %s; ours %.2f s of %.2f s from train() to the first step%s",
+                    parts, ours, summary["to_first_step_s"], said)
     return summary
 
 

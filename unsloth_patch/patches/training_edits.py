@@ -100,7 +100,8 @@ def handle_train(proceed, trainer, args, kwargs):
     called_at = time.perf_counter()
     if warmup.pending():
         with startup.phase("waiting for kernel compilation"):
-            warmup.wait()
+            outcome = warmup.wait()
+        startup.note("kernel warm-up", warmup.describe(outcome))
     callback = _startup_callback(called_at)
     trainer.add_callback(callback)
     try:

@@ -167,3 +167,24 @@ def test_extra_tasks_start_once_a_warm_up_of_ours_was_begun_and_are_waited_for(m
     warmup.wait(timeout=30)
     assert ran[-1] == "after"
 
+
+
+def test_the_start_up_report_says_what_the_warm_up_did():
+    from unsloth_patch import startup
+
+    outcome = {"seconds": 2.5, "specs": 4, "failed": [],
+               "tasks": {"TRL fused LM head": {"seconds": 0.75, "error": None}}}
+    line = warmup.describe(outcome)
+    assert line == "4 variants in 2.50 s on compile threads; TRL fused LM head 0.75 s"
+    failing = warmup.describe({"seconds": 1.0, "specs": 2, "failed": [("spec", "boom")],
+                               "tasks": {"TRL fused LM head": {"seconds": 0.5, "error": "RuntimeError: x"}}})
+    assert failing == "2 variants in 1.00 s on compile threads; TRL fused LM head 0.50 s (failed); 1 failed"
+    assert warmup.describe(None) == "none"
+    startup.begin()
+    with startup.phase("waiting for kernel compilation"):
+        pass
+    startup.note("kernel warm-up", line)
+    summary = startup.train_started(0.0)
+    assert summary["notes"] == {"kernel warm-up": line} and "waiting for kernel compilation" in summary["phases"]
+    startup.begin()  # the next trainer starts without the previous one's notes
+    assert "notes" not in startup.train_started(0.0)

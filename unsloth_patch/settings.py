@@ -116,9 +116,6 @@ TOGGLES: tuple[Toggle, ...] = (
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
     Toggle("KERNELS_OFF", (), _kernel_names,
            "Fused layer kernels to leave out while KERNELS=auto: any of rmsnorm, swiglu, rope, comma-separated."),
-    Toggle("COMPILE_WORKERS", "auto", _choice("auto", "off"),
-           "Kernel warm-up in worker processes (auto: where the host has the cores and the card the memory); "
-           "off = compile threads in the training process only."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
     Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),
@@ -140,7 +137,6 @@ class Settings:
     embedding_lr: Optional[float] = None
     kernels: str = "auto"
     kernels_off: tuple = ()
-    compile_workers: str = "auto"
     compat: str = "auto"
     checkpointing: str = "auto"
     memory_budget_gb: Optional[float] = None

@@ -99,7 +99,7 @@ def start(model, args, settings) -> bool:
     except Exception as exc:
         log.logger.debug("kernel warm-up not started: %s", exc)
         return False
-    thread = threading.Thread(target=_run, args=(specs, device, settings), name="unsloth_patch-kernel-warmup", daemon=True)
+    thread = threading.Thread(target=_run, args=(specs, device), name="unsloth_patch-kernel-warmup", daemon=True)
     with _lock:
         if _thread is not None and _thread.is_alive():
             return False  # one at a time; the next trainer's train() finds the variants already compiled
@@ -142,47 +142,21 @@ def start_task(name: str, launch) -> bool:
     return True
 
 
-def _run(specs, device, settings=None) -> None:
+def _run(specs, device) -> None:
     import torch
 
-    from . import compile_workers as cw
-    from .kernels import warmup as kw
+    from .kernels.warmup import warm_up
 
     started = time.perf_counter()
-    workers = None
     try:
         with torch.cuda.device(device):
-            tasks = kw.tasks_of(specs)
-            choice = _worker_choice(tasks, device, settings)
-            workers = {"chosen": choice.workers, "reason": choice.reason, "not_chosen": choice.not_chosen}
-            if choice.workers:
-                # the workers fill Triton's disk cache; the launches below then load instead of compiling
-                groups = cw.share([kw.encode_task(task) for task in tasks], choice.workers)
-                workers.update(cw.compile_in_workers(groups, str(device)))
-            failed = kw.run_tasks(tasks, device)
+            failed = warm_up(specs, device)
             torch.cuda.synchronize(device)
     except Exception as exc:  # never reaches the user
         failed = [(None, f"{type(exc).__name__}: {exc}")]
-    _outcome.update(seconds=time.perf_counter() - started, specs=len(specs), failed=failed, workers=workers)
+    _outcome.update(seconds=time.perf_counter() - started, specs=len(specs), failed=failed)
     for spec, error in failed:
         log.logger.log(logging.DEBUG, "kernel warm-up: %s failed (%s)", spec, error)
-    for error in (workers or {}).get("errors", ()):
-        log.logger.debug("kernel warm-up: %s", error)
-
-
-def _worker_choice(tasks, device, settings):
-    import torch
-
-    from . import compile_workers as cw
-    from .kernels.warmup import _interpreting
-
-    try:
-        free = torch.cuda.mem_get_info(device)[0]
-    except Exception:  # unknown: the choice assumes enough
-        free = None
-    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return cw.choose_workers(getattr(settings, "compile_workers", "auto"), len(tasks), device.type,
-                             _interpreting(), os.cpu_count() or 1, per_host, free)
 
 
 def pending() -> bool:
@@ -206,18 +180,13 @@ def wait(timeout: float = 300.0) -> Optional[dict]:
 
 
 def describe(outcome: Optional[dict]) -> str:
-    """One line on a finished warm-up: where it compiled, how long it took, what failed."""
+    """One line on a finished warm-up: how many variants, how long, TRL's tasks, what failed."""
     if not outcome:
         return "none"
-    workers = outcome.get("workers") or {}
-    if workers.get("chosen"):
-        where = f"{workers['chosen']} worker processes ({workers.get('seconds', 0.0):.2f} s)"
-        if workers.get("errors"):
-            where += f", {len(workers['errors'])} worker error(s)"
-    else:
-        where = f"threads ({workers.get('reason', 'no worker choice')})"
     failed = len(outcome.get("failed") or ())
     tasks = outcome.get("tasks") or {}
-    extra = f", {len(tasks)} task(s) of TRL's" if tasks else ""
-    return (f"{outcome.get('specs', 0)} variants in {outcome.get('seconds', 0.0):.2f} s on {where}{extra}"
-            + (f", {failed} failed" if failed else ""))
+    line = f"{outcome.get('specs', 0)} variants in {outcome.get('seconds', 0.0):.2f} s on compile threads"
+    if tasks:
+        line += "; " + ", ".join(f"{name} {task['seconds']:.2f} s" + (" (failed)" if task.get("error") else "")
+                                 for name, task in tasks.items())
+    return line + (f"; {failed} failed" if failed else "")

@@ -163,46 +163,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def tasks_of(specs) -> list:
-    """``[(spec, launch)]``: each launch compiles kernels of its own, so tasks may run at once."""
-    return [(spec, launch) for spec in specs for launch in _LAUNCHES[type(spec)]]
-
-
-def encode_task(task) -> dict:
-    """A task as plain JSON data, for a compile worker process (``kernels/precompile.py``)."""
-    spec, launch = task
-    fields = {name: (str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value)
-              for name, value in vars(spec).items()}
-    return {"kind": type(spec).__name__, "fields": fields, "launch": launch.__name__}
-
-
-def decode_task(data: dict):
-    """The task ``encode_task`` wrote; raises ``ValueError`` on anything else."""
-    kinds = {kind.__name__: kind for kind in _LAUNCHES}
-    kind = kinds.get(data.get("kind"))
-    if kind is None:
-        raise ValueError(f"unknown warm-up spec kind {data.get('kind')!r}; known: {', '.join(kinds)}")
-    fields = dict(data.get("fields", {}))
-    for name, value in fields.items():
-        if name.endswith("dtype"):
-            dtype = getattr(torch, str(value), None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"{kind.__name__}.{name}={value!r} is not a torch dtype")
-            fields[name] = dtype
-    launches = {launch.__name__: launch for launch in _LAUNCHES[kind]}
-    launch = launches.get(data.get("launch"))
-    if launch is None:
-        raise ValueError(f"unknown launch {data.get('launch')!r} for {kind.__name__}; known: {', '.join(launches)}")
-    return kind(**fields), launch
-
-
 def warm_up(specs, device, parallel: bool = True) -> list:
-    """Launch each spec's kernels once on ``device``; returns ``[(spec, error)]`` for those that failed."""
-    return run_tasks(tasks_of(specs), device, parallel)
-
-
-def run_tasks(tasks, device, parallel: bool = True) -> list:
-    """Run ``[(spec, launch)]`` on ``device``; returns ``[(spec, error)]`` for the specs that failed.
+    """Launch each spec's kernels once on ``device``; returns ``[(spec, error)]`` for those that failed.
 
     On a GPU the launches run on a thread each: Triton's compiler spends much of its time outside
     the GIL (LLVM, ptxas), so compiles overlap (on an H200, the reference workload's variants with a
@@ -210,6 +172,7 @@ def run_tasks(tasks, device, parallel: bool = True) -> list:
     interpreter (``TRITON_INTERPRET=1``) patches ``triton.language`` while it runs, so there they
     run one after another.
     """
+    tasks = [(spec, launch) for spec in specs for launch in _LAUNCHES[type(spec)]]
     failed = []
 
     def run(task):

@@ -1,3 +1,4 @@
+# the warm-up alone, as run in call 1 of the second session of 2026-12-03 (the worker build's _run took settings)
 import time, torch, unsloth_patch
 from unsloth_patch import warmup, tiny
 from unsloth_patch.settings import current

@@ -168,7 +168,6 @@ def test_extra_tasks_start_once_a_warm_up_of_ours_was_begun_and_are_waited_for(m
     assert ran[-1] == "after"
 
 
-
 def test_the_start_up_report_says_what_the_warm_up_did():
     from unsloth_patch import startup
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from . import hooks, log, registry
+from . import hooks, log, registry, warmup
 from .registry import PatchRecord
 from .settings import Settings, current, read_settings, set_current, unknown_variables
 
@@ -34,6 +34,7 @@ def activate() -> None:
         log.once(("unknown", name), logging.WARNING, "ignoring unknown toggle %s (typo?)", name)
     try:
         hooks.register(registry.target_modules(), registry.on_import)
+        hooks.register([registry.TRL_MODULE], warmup.on_trl_import)  # Triton's hashing, while the model is built
     except Exception as exc:  # never break the user's import
         log.once("activate", logging.WARNING, "unsloth_patch could not activate: %s", exc)
 

@@ -10,7 +10,7 @@ import logging
 
 from . import log
 
-_registered: set = set()
+_registered: set = set()  # (module name, callback): each callback once per module
 
 
 def register(modules, callback) -> None:
@@ -18,9 +18,9 @@ def register(modules, callback) -> None:
     import wrapt
 
     for name in modules:
-        if name in _registered:
+        if (name, callback) in _registered:
             continue
-        _registered.add(name)
+        _registered.add((name, callback))
         try:
             wrapt.register_post_import_hook(_safe(callback), name)
         except Exception as exc:  # pragma: no cover - wrapt itself failing

@@ -123,8 +123,11 @@ def start_task(name: str, launch) -> bool:
     def run():
         import torch
 
+        from .kernels import compile_key
+
         started = time.perf_counter()
         error = None
+        compile_key.prime("in the warm-up")  # Triton hashes itself once, not once per compiling thread
         try:
             with torch.cuda.device(device):
                 launch(device, compute_dtype)
@@ -142,12 +145,50 @@ def start_task(name: str, launch) -> bool:
     return True
 
 
+def on_trl_import(module=None) -> bool:
+    """Hook at the import of TRL's SFT trainer: start Triton's once-per-process hashing of itself
+    (``kernels.compile_key``) on a background thread, while the script goes on to build its model.
+    Only where a GPU driver is visible and some kernel of ours is on; True if begun."""
+    from .settings import current
+
+    settings = current()
+    if settings.kernels == "off" and settings.attention == "off":
+        return False
+    if not gpu_driver_visible(os.environ, os.path.exists):
+        return False
+    from .kernels import compile_key
+
+    return compile_key.prime_in_background("at TRL import") is not None
+
+
+# what a GPU driver leaves in the file system (NVIDIA, AMD): seen without initialising CUDA
+_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+
+
+def gpu_driver_visible(environ, exists) -> bool:
+    """Whether Triton could compile for a GPU here, judged without touching CUDA (a pure check:
+    ``environ`` a mapping, ``exists`` a path test). False under Triton's interpreter, and when the
+    visible-devices variables hide every device."""
+    if environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        if name in environ and environ[name].strip() in ("", "-1"):
+            return False
+    return any(exists(path) for path in _DRIVER_FILES)
+
+
 def _run(specs, device) -> None:
     import torch
 
+    from .kernels import compile_key
     from .kernels.warmup import warm_up
 
     started = time.perf_counter()
+    _outcome.pop("compile_key", None)
+    earlier = compile_key.primed()
+    key = compile_key.prime("in the warm-up")  # once, before the compile threads (each would hash it)
+    if key is not None and earlier is None:  # computed now, or waited for here: this warm-up's cost
+        _outcome["compile_key"] = dict(key, waited=time.perf_counter() - started)
     try:
         with torch.cuda.device(device):
             failed = warm_up(specs, device)
@@ -186,6 +227,13 @@ def describe(outcome: Optional[dict]) -> str:
     failed = len(outcome.get("failed") or ())
     tasks = outcome.get("tasks") or {}
     line = f"{outcome.get('specs', 0)} variants in {outcome.get('seconds', 0.0):.2f} s on compile threads"
+    key = outcome.get("compile_key")
+    if key:
+        line += f"; Triton compile key {key['seconds']:.2f} s {key['where']}"
+        if key.get("where") != "in the warm-up":
+            line += f", {key.get('waited', 0.0):.2f} s waited"
+        if key.get("error"):
+            line += f" (failed: {key['error']})"
     if tasks:
         line += "; " + ", ".join(f"{name} {task['seconds']:.2f} s" + (" (failed)" if task.get("error") else "")
                                  for name, task in tasks.items())

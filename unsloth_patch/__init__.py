@@ -34,7 +34,7 @@ def activate() -> None:
         log.once(("unknown", name), logging.WARNING, "ignoring unknown toggle %s (typo?)", name)
     try:
         hooks.register(registry.target_modules(), registry.on_import)
-        hooks.register([registry.TRL_MODULE], warmup.on_trl_import)  # Triton's hashing, while the model is built
+        hooks.register(["triton"], warmup.on_triton_import)  # Triton hashes itself while the script goes on
     except Exception as exc:  # never break the user's import
         log.once("activate", logging.WARNING, "unsloth_patch could not activate: %s", exc)
 

@@ -123,7 +123,7 @@ def start_task(name: str, launch) -> bool:
     def run():
         import torch
 
-        from .kernels import compile_key
+        from . import compile_key
 
         started = time.perf_counter()
         error = None
@@ -145,10 +145,11 @@ def start_task(name: str, launch) -> bool:
     return True
 
 
-def on_trl_import(module=None) -> bool:
-    """Hook at the import of TRL's SFT trainer: start Triton's once-per-process hashing of itself
-    (``kernels.compile_key``) on a background thread, while the script goes on to build its model.
-    Only where a GPU driver is visible and some kernel of ours is on; True if begun."""
+def on_triton_import(module=None) -> bool:
+    """Hook at Triton's import (often inside ``import torch`` or TRL's): start Triton's
+    once-per-process hashing of itself (``compile_key``) on a background thread, while the
+    script goes on importing and building its model. Only where a GPU driver is visible and some
+    kernel of ours is on; True if begun."""
     from .settings import current
 
     settings = current()
@@ -156,9 +157,9 @@ def on_trl_import(module=None) -> bool:
         return False
     if not gpu_driver_visible(os.environ, os.path.exists):
         return False
-    from .kernels import compile_key
+    from . import compile_key
 
-    return compile_key.prime_in_background("at TRL import") is not None
+    return compile_key.prime_in_background("at Triton's import") is not None
 
 
 # what a GPU driver leaves in the file system (NVIDIA, AMD): seen without initialising CUDA
@@ -180,7 +181,7 @@ def gpu_driver_visible(environ, exists) -> bool:
 def _run(specs, device) -> None:
     import torch
 
-    from .kernels import compile_key
+    from . import compile_key
     from .kernels.warmup import warm_up
 
     started = time.perf_counter()

@@ -8,11 +8,16 @@ second caller waits for the first instead of hashing too. Started on a backgroun
 the user's script builds its model, it is off the start-up altogether (reading and hashing
 release the GIL).
 
-Only a Triton that is already imported is used: nothing here imports Triton.
+Only a Triton that is already imported is used: nothing here imports Triton. Triton's function
+walks its compiler, backend and language packages (``pkgutil.walk_packages``, which imports each
+subpackage it meets); on a background thread it is called only when every one of them is imported
+already, so that the thread imports nothing while the main thread may be importing.
 """
 
 from __future__ import annotations
 
+import os
+import pkgutil
 import sys
 import threading
 import time
@@ -58,9 +63,34 @@ def prime(where: str) -> Optional[dict]:
         return dict(_done)
 
 
+# the folders of Triton that its key function walks (Triton 3.x)
+_WALKED = ("compiler", "backends", "language")
+
+
+def _subpackages(path: str, prefix: str):
+    """Names of the packages under ``path``, found in the file system (nothing imported)."""
+    for info in pkgutil.iter_modules([path], prefix):
+        if info.ispkg:
+            yield info.name
+            yield from _subpackages(os.path.join(path, info.name.rsplit(".", 1)[-1]), info.name + ".")
+
+
+def walk_imports_nothing(modules=None) -> bool:
+    """Whether every package Triton's key function will walk is imported already (``modules``:
+    ``sys.modules`` by default), so that calling it imports nothing."""
+    modules = sys.modules if modules is None else modules
+    triton = modules.get("triton")
+    root = os.path.dirname(getattr(triton, "__file__", None) or "")
+    if not root or not all(os.path.isdir(os.path.join(root, name)) for name in _WALKED):
+        return False
+    return all(package in modules for name in _WALKED
+               for package in _subpackages(os.path.join(root, name), f"triton.{name}."))
+
+
 def prime_in_background(where: str) -> Optional[threading.Thread]:
-    """Start :func:`prime` on a daemon thread; None when no imported Triton has the function."""
-    if key_function() is None:
+    """Start :func:`prime` on a daemon thread; None when no imported Triton has the function, or
+    when calling it would import a module (the main thread may be importing)."""
+    if key_function() is None or not walk_imports_nothing():
         return None
     thread = threading.Thread(target=prime, args=(where,), name="unsloth_patch-triton-key", daemon=True)
     thread.start()

@@ -74,6 +74,12 @@ def _here() -> list[str]:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(fusion["fused"].items())) or "nothing"
         left = f"; {len(fusion['skipped'])} modules left unchanged" if fusion["skipped"] else ""
         lines.append(f"last train(): fused kernels: {kinds} ({fusion['reason']}{left})")
+    from .lora_inputs import last as last_lora
+
+    lora = last_lora()
+    if lora["reason"] != "not run yet" and (lora["edited"] or lora["kept"]):
+        kept = f"; {len(lora['kept'])} keep PEFT's cast" if lora["kept"] else ""
+        lines.append(f"last train(): LoRA inputs in the compute dtype: {lora['edited']} layers ({lora['reason']}{kept})")
     from .startup import last
 
     started = last()

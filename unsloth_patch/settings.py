@@ -62,13 +62,14 @@ def _positive_number(example: str, unit: str = "") -> Callable[[str, str], float
     return parse
 
 
-# kernels UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel
-KERNEL_NAMES = ("rmsnorm", "swiglu", "rope")
+# what UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel (lora_cast: LoRA
+# layers keeping their input in the compute dtype under autocast, ``lora_inputs``)
+KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast")
 
 
 def _kernel_names(name: str, raw: str) -> tuple:
     """A comma-separated list of kernel names (any case, spaces allowed), kept in KERNEL_NAMES order."""
-    accepted = "a comma-separated list of " + ", ".join(KERNEL_NAMES) + " (swiglu: the gated MLP, SwiGLU and GeGLU)"
+    accepted = "a comma-separated list of " + ", ".join(KERNEL_NAMES) + " (swiglu: the gated MLP, SwiGLU and GeGLU; lora_cast: PEFT's float32 copies of LoRA inputs kept)"
     items = [item.strip().lower() for item in raw.split(",")]
     unknown = [item for item in items if item not in KERNEL_NAMES]
     if unknown or not items:
@@ -115,7 +116,8 @@ TOGGLES: tuple[Toggle, ...] = (
            "Learning rate for the input/output embeddings (lowest precedence after the config field)."),
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
     Toggle("KERNELS_OFF", (), _kernel_names,
-           "Fused layer kernels to leave out while KERNELS=auto: any of rmsnorm, swiglu, rope, comma-separated."),
+           "Fused layer kernels to leave out while KERNELS=auto: any of rmsnorm, swiglu, rope, lora_cast, "
+           "comma-separated."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
     Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),

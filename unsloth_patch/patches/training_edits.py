@@ -154,6 +154,7 @@ def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
     model = base_model(trainer.model)
     with startup.phase("fused layers"):
         fuse_model_layers(model, settings, edits)
+        _keep_lora_inputs(model, settings, edits)
     if not (plan.padding_free or plan.boundaries_only or plan.packer):
         return
     if getattr(model.config, "use_cache", False):
@@ -175,6 +176,22 @@ def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
             legacy.switch(model, edits)
         else:
             set_attention(model, plan.attention, edits)
+
+
+def _keep_lora_inputs(model, settings, edits: Edits) -> None:
+    """LoRA layers without PEFT's float32 copies of their input under autocast (``lora_inputs``)."""
+    from .. import lora_inputs
+
+    if settings.kernels == "off":
+        outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS=off"}
+    elif "lora_cast" in settings.kernels_off:
+        outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS_OFF=lora_cast"}
+    else:
+        outcome = lora_inputs.keep_input_dtype(model, edits)
+        if outcome["edited"]:
+            log.logger.info("LoRA inputs: %d layers keep the compute dtype under autocast (%d keep PEFT's cast)",
+                            outcome["edited"], len(outcome["kept"]))
+    lora_inputs.remember(outcome)
 
 
 def set_attention(model, name: str, edits: Edits) -> None:

@@ -156,7 +156,7 @@ def test_predict_and_metrics_after_training_are_stock_shaped(loss_type, tokenize
         try:
             trainer = sft_trainer(_model(tokenizer), tokenizer, dataset,
                                   sft_config(tmp_path / mode, max_length=64, max_steps=3, learning_rate=1e-4,
-                                             per_device_eval_batch_size=4, **extra),
+                                             per_device_eval_batch_size=4, bf16=False, **extra),  # fp32: 1e-4 below
                                   eval_dataset=evaluation, compute_metrics=_metrics if with_logits else None)
             if mode == "patched":
                 assert isinstance(train_collator(trainer), PaddingFreeCollator)

@@ -31,12 +31,12 @@ import ast
 import functools
 import inspect
 import logging
-import os
 import textwrap
 import types
 from typing import Optional
 
 from . import fallback, log, rope_fusion
+from .settings import triton_interpreting as _interpreting
 
 __all__ = ["fuse_model_layers", "last_fusion", "is_fused"]
 
@@ -48,10 +48,6 @@ _last: dict = {"fused": {}, "skipped": {}, "reason": "not run yet"}
 def last_fusion() -> dict:
     """What the last :func:`fuse_model_layers` call did: counts per kind, skips, and why."""
     return {"fused": dict(_last["fused"]), "skipped": dict(_last["skipped"]), "reason": _last["reason"]}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_available() -> bool:

@@ -29,21 +29,17 @@ from __future__ import annotations
 import dis
 import functools
 import inspect
-import os
 import types
 from typing import Optional
 
 from . import fallback
+from .settings import triton_interpreting as _interpreting
 
 __all__ = ["ROPE", "NAME", "is_candidate", "fuse", "is_fused"]
 
 ROPE = "fused RoPE"
 NAME = "apply_rotary_pos_emb"
 _OPTIONAL = ("position_ids", "unsqueeze_dim")  # the optional parameters transformers' versions have had
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _runs_here(t) -> bool:

@@ -62,6 +62,12 @@ def _positive_number(example: str, unit: str = "") -> Callable[[str, str], float
     return parse
 
 
+def triton_interpreting(environ=None) -> bool:
+    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET`` set to anything but empty or 0)."""
+    environ = os.environ if environ is None else environ
+    return environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 # what UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel (lora_cast: LoRA
 # layers keeping their input in the compute dtype under autocast, ``lora_inputs``)
 KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast")
@@ -69,7 +75,8 @@ KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast")
 
 def _kernel_names(name: str, raw: str) -> tuple:
     """A comma-separated list of kernel names (any case, spaces allowed), kept in KERNEL_NAMES order."""
-    accepted = "a comma-separated list of " + ", ".join(KERNEL_NAMES) + " (swiglu: the gated MLP, SwiGLU and GeGLU; lora_cast: PEFT's float32 copies of LoRA inputs kept)"
+    accepted = ("a comma-separated list of " + ", ".join(KERNEL_NAMES)
+                + " (swiglu: the gated MLP, SwiGLU and GeGLU; lora_cast: PEFT's float32 copies of LoRA inputs kept)")
     items = [item.strip().lower() for item in raw.split(",")]
     unknown = [item for item in items if item not in KERNEL_NAMES]
     if unknown or not items:

@@ -170,7 +170,9 @@ def gpu_driver_visible(environ, exists) -> bool:
     """Whether Triton could compile for a GPU here, judged without touching CUDA (a pure check:
     ``environ`` a mapping, ``exists`` a path test). False under Triton's interpreter, and when the
     visible-devices variables hide every device."""
-    if environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from .settings import triton_interpreting
+
+    if triton_interpreting(environ):
         return False
     for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
         if name in environ and environ[name].strip() in ("", "-1"):

@@ -33,21 +33,17 @@ launch fails, the op computes the same maths in PyTorch, once warned).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from . import _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
+from ..settings import triton_interpreting as _interpreting
 
 __all__ = ["rms_norm", "rms_norm_reference", "is_supported"]
 
 _MAX_N = 65536
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def is_supported(device, dtype, n: int) -> bool:

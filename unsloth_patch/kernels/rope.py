@@ -44,13 +44,13 @@ same maths in PyTorch, once warned).
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from . import _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
+from ..settings import triton_interpreting as _interpreting
 
 __all__ = ["rope", "rope_reference", "is_supported", "DTYPES"]
 
@@ -58,10 +58,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 1024
 # per program, at most this many elements of each half-tile (heads x D/2) are live at once
 _TILE = 2048
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def is_supported(device, dtype, head_dim: int) -> bool:

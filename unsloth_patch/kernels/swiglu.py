@@ -30,13 +30,13 @@ warned).
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from . import _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
+from ..settings import triton_interpreting as _interpreting
 
 __all__ = ["swiglu", "geglu", "gated_activation", "is_supported", "ACTIVATIONS"]
 
@@ -44,10 +44,6 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 _SQRT_2_OVER_PI = 0.7978845608028654
 _GELU_C = 0.044715
 _BLOCK = 2048
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def is_supported(device, dtype) -> bool:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,15 +60,12 @@ except ImportError:  # pragma: no cover - torch is a hard dependency in practice
 from . import _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
+from ..settings import triton_interpreting as _interpreting
 
 __all__ = ["varlen_attention", "is_supported", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _supported_dtypes():

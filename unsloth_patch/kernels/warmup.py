@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from ..settings import triton_interpreting as _interpreting
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -157,10 +159,6 @@ def _rope(spec: RopeSpec, device) -> None:
 _LAUNCHES = {AttentionSpec: (_attention_forward, _attention_backward_delta, _attention_backward_kv,
                              _attention_backward_q), NormSpec: (_norm_forward, _norm_backward),
              GatedSpec: (_gated,), RopeSpec: (_rope,)}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def warm_up(specs, device, parallel: bool = True) -> list:

@@ -35,7 +35,12 @@ SLACK = 4096  # live-byte peaks can differ by a few bytes between probes (small 
 
 LAYERS, WEIGHTS, GRADS = 4, 1000, 400
 ACTIVATIONS = 100  # one layer's, per sequence
-KEPT = {"none": LAYERS * ACTIVATIONS, "selective": LAYERS * ACTIVATIONS // 2, "offload": 0, "full": 5 * LAYERS}
+KEPT = {"none": LAYERS * ACTIVATIONS, "selective": LAYERS * ACTIVATIONS // 2, "mlp_recompute": 5 * LAYERS, "offload": 0,
+        "full": 5 * LAYERS}
+RISE = {"none": 0, "mlp_recompute": ACTIVATIONS // 4}  # a recomputed layer's own rise, per sequence (default: all)
+
+
+NO_MLP_RECOMPUTE = tuple(name for name in policy.POLICIES if name != "mlp_recompute")  # a model without fused MLPs
 
 
 def made_up_step(name, sequences):
@@ -46,7 +51,7 @@ def made_up_step(name, sequences):
     for layer in range(LAYERS):
         grads = GRADS * layer // LAYERS
         start = held + grads
-        rise = ACTIVATIONS * sequences if name != "none" else 0
+        rise = RISE.get(name, ACTIVATIONS) * sequences
         phases.append((start + rise + GRADS // LAYERS, grads))
         starts.append(start)
         kinds.append("recompute" if name != "none" else "backward")
@@ -67,22 +72,24 @@ def ladder_for(sequences, budget, extra=0, run=None):
 
 
 def test_a_step_predicted_over_the_budget_is_never_run():
-    """The budget fits full checkpointing's batch (and offload's), not no checkpointing's smallest step: neither
-    ``none`` nor ``selective`` runs a single step, and no step that ran was predicted or held over the budget."""
+    """The budget fits full checkpointing's batch (and offload's, and mlp_recompute's), not no checkpointing's
+    smallest step: neither ``none`` nor ``selective`` runs a single step, and no step that ran was predicted or held
+    over the budget."""
     extra = 50
     budget = made_up_step("full", 2).peak + extra
     assert made_up_step("none", 1).peak + extra > budget  # the shape of the issue: none's smallest step is over
-    ladder, ran, _ = ladder_for(2, budget, extra)
-    rejected = {}
-    chosen, peaks = policy.choose(policy.POLICIES, ladder.peak, budget, extra, rejected=rejected)
-    assert chosen == "offload"
-    assert peaks == {"none": None, "selective": None, "offload": made_up_step("offload", 2).peak}
-    assert ran[0] == ("full", 1)  # full checkpointing's smallest step first: the least any candidate holds
-    assert {name for name, _ in ran} == {"full", "offload"}
-    for name in ("none", "selective"):
-        assert "predicted" in rejected[name] and "not run" in rejected[name], rejected
-    for record in ladder.records:
-        assert record["predicted"] <= budget and record["peak"] <= budget, record
+    for candidates, first_fit in ((policy.POLICIES, "mlp_recompute"), (NO_MLP_RECOMPUTE, "offload")):
+        ladder, ran, _ = ladder_for(2, budget, extra)
+        rejected = {}
+        chosen, peaks = policy.choose(candidates, ladder.peak, budget, extra, rejected=rejected)
+        assert chosen == first_fit
+        assert peaks == {"none": None, "selective": None, first_fit: made_up_step(first_fit, 2).peak}
+        assert ran[0] == ("full", 1)  # full checkpointing's smallest step first: the least any candidate holds
+        assert {name for name, _ in ran} == {"full", first_fit}
+        for name in ("none", "selective"):
+            assert "predicted" in rejected[name] and "not run" in rejected[name], rejected
+        for record in ladder.records:
+            assert record["predicted"] <= budget and record["peak"] <= budget, record
 
 
 def test_steps_climb_one_two_four_and_extrapolate_to_the_batch():
@@ -120,7 +127,7 @@ def test_when_full_does_not_fit_what_holds_more_is_rejected_unrun():
     chosen, peaks = policy.choose(policy.POLICIES, ladder.peak, budget, rejected=rejected)
     assert chosen is None and peaks == dict.fromkeys(policy.POLICIES)
     assert "holds at least what full" in rejected["none"] and "holds at least what full" in rejected["selective"]
-    assert {name for name, _ in ran} <= {"full", "offload"}
+    assert {name for name, _ in ran} <= {"full", "mlp_recompute", "offload"}
     assert all(r["predicted"] <= budget for r in ladder.records)
 
 
@@ -213,7 +220,8 @@ def test_a_generous_budget_chooses_as_before(tokenizer, dataset, tmp_path, use_s
     before = policy.choose(policy.POLICIES, lambda name: policy.predicted_peak(trainer.model, spec, name, {}, None,
                                                                                 None, loss_fn=loss), 64 * GIB, extra)
     decision = wiring._decide_locally(trainer, current())
-    assert before[0] == decision.policy == "none" and not decision.rejected
+    assert before[0] == decision.policy == "none"
+    assert list(decision.rejected) == ["mlp_recompute"]  # not offered (no fused MLP on a CPU), with its reason
     assert abs(decision.peaks["none"] - before[1]["none"]) <= SLACK
 
 

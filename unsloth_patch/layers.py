@@ -35,7 +35,7 @@ import textwrap
 import types
 from typing import Optional
 
-from . import fallback, log, rope_fusion
+from . import fallback, log, mlp_recompute, rope_fusion
 from .settings import triton_interpreting as _interpreting
 
 __all__ = ["fuse_model_layers", "last_fusion", "is_fused"]
@@ -83,6 +83,9 @@ def _rmsnorm_forward(self, hidden_states):
 
 
 def _gated_mlp_forward(self, x):
+    chunked = mlp_recompute.forward(self, x)  # inside an mlp_recompute checkpoint: nothing but x kept
+    if chunked is not None:
+        return chunked
     gate = self.gate_proj(x)
     up = self.up_proj(x)
     if not (_runs_here(gate) and fallback.enabled(GATED_MLP)) or gate.shape != up.shape:
@@ -100,6 +103,10 @@ def _gated_mlp_forward(self, x):
 
 
 _FUSED = {_rmsnorm_forward: "rmsnorm", _gated_mlp_forward: "mlp"}
+
+
+def _is_fused_mlp(module) -> bool:
+    return getattr(vars(module).get("forward"), "__func__", None) is _gated_mlp_forward
 
 
 def is_fused(module) -> bool:
@@ -311,6 +318,8 @@ def fuse_model_layers(model, settings=None, edits=None, force: bool = False) -> 
                 local.setattr(module, "forward", types.MethodType(_gated_mlp_forward, module))
                 kind = "swiglu" if activation == "silu" else "geglu"
                 fused[kind] = fused.get(kind, 0) + 1
+        if on["swiglu"] and "mlp_recompute" not in off:
+            mlp_recompute.mark_last_mlps(model, local, _is_fused_mlp)
     except Exception as exc:  # never break the trainer: keep what was done out, report why
         local.rollback()
         _last = {"fused": {}, "skipped": skipped, "reason": f"error while fusing ({type(exc).__name__}: {exc})"}

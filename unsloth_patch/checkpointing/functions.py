@@ -1,6 +1,6 @@
 """The checkpoint functions each policy installs on the model's layers, and how they are installed.
 
-``selective`` and ``offload`` are ``_gradient_checkpointing_func`` replacements (non-reentrant
+``selective``, ``mlp_recompute`` and ``offload`` are ``_gradient_checkpointing_func`` replacements (non-reentrant
 ``torch.utils.checkpoint``); a failure in either falls back to plain checkpointing for the rest of
 the run, once warned.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-from .. import fallback
+from .. import fallback, mlp_recompute
 from .meter import LiveBytes
 
 OFFLOAD_MIN_BYTES = 1 << 20  # smaller saved inputs (boundaries, rotary tables) stay on the device
@@ -95,6 +95,24 @@ def checkpoint_offload(function, *args, **kwargs):
     return _guarded("offloaded checkpointing", run, function, args, kwargs)
 
 
+def checkpoint_mlp_recompute(function, *args, **kwargs):
+    """A ``_gradient_checkpointing_func``: plain non-reentrant checkpoint whose eligible MLPs keep only their
+    input (``mlp_recompute``); the layer's recomputation in the backward stops before its MLP."""
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs.pop("use_reentrant", None)
+    calls = []
+
+    def layer(*inner, **named):  # the first call is the forward; any later one, a recomputation
+        recomputing = bool(calls)
+        calls.append(None)
+        with mlp_recompute.layer_call(recomputing):
+            return function(*inner, **named)
+
+    return _guarded("MLP-recompute checkpointing", lambda: checkpoint(layer, *args, use_reentrant=False, **kwargs),
+                    function, args, kwargs)
+
+
 _copy_streams: dict = {}
 
 
@@ -136,7 +154,8 @@ def _offload_unpack(packed):
     return host.to(device, non_blocking=True)
 
 
-CHECKPOINT_FUNCTIONS = {"selective": checkpoint_selective, "offload": checkpoint_offload}
+CHECKPOINT_FUNCTIONS = {"selective": checkpoint_selective, "mlp_recompute": checkpoint_mlp_recompute,
+                        "offload": checkpoint_offload}
 
 
 def _plain_checkpoint(kwargs: dict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
-POLICIES = ("none", "selective", "offload", "full")  # fastest first; the index grows with caution
+POLICIES = ("none", "selective", "mlp_recompute", "offload", "full")  # fastest first; the index grows with caution
 GIB = 1 << 30
 SAFETY_MARGIN = 0.10  # of the card's memory, kept free when no explicit budget is given
 

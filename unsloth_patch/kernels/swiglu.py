@@ -177,6 +177,37 @@ def _gated_grad(ctx, dy):
 _gated_op.register_autograd(_gated_grad, setup_context=_setup_context)
 
 
+def _backward_into_triton(dy, gate, up, gelu):
+    numel = gate.numel()
+    if numel:  # each element is read before it is written: the gradients may overwrite gate and up
+        _gated_backward[(triton.cdiv(numel, _BLOCK),)](dy, gate, up, gate, up, numel, GELU=gelu, BLOCK=_BLOCK,
+                                                       num_warps=8)
+    return gate, up
+
+
+def _backward_into_reference(dy, gate, up, gelu):
+    dgate, dup = _backward_reference(dy, gate, up, gelu)
+    return gate.copy_(dgate), up.copy_(dup)
+
+
+def gated_forward_plain(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """``act(gate) * up`` without autograd (for callers that do their own backward): the kernel where it runs,
+    else the same fp32 maths in PyTorch."""
+    gate, up = _flat(gate), _flat(up)
+    if is_supported(gate.device, gate.dtype):
+        return _guard.run(KERNEL, _forward_triton, _forward_reference, gate, up, gelu)
+    return _forward_reference(gate, up, gelu)
+
+
+def gated_backward_into(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool):
+    """The gradients of ``act(gate) * up`` written over ``gate`` and ``up`` (contiguous), which are returned as
+    ``(dgate, dup)``: no new ``[tokens, intermediate]`` tensors."""
+    dy = _flat(dy)
+    if is_supported(gate.device, gate.dtype):
+        return _guard.run(KERNEL, _backward_into_triton, _backward_into_reference, dy, gate, up, gelu)
+    return _backward_into_reference(dy, gate, up, gelu)
+
+
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """``act(gate) * up`` for ``activation`` in :data:`ACTIVATIONS`; same shapes, same dtype."""
     if triton is None:

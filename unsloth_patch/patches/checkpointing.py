@@ -14,7 +14,7 @@ import contextlib
 import logging
 
 from .. import checkpointing as policy
-from .. import log, startup
+from .. import log, mlp_recompute, startup
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
@@ -250,6 +250,14 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     candidates = ["none"]
     if policy.selective_available() and not kwargs.get("use_reentrant"):
         candidates.append("selective")
+    rejected: dict = {}
+    chunked, why = mlp_recompute.available(model)
+    if not settings.kernel_on("mlp_recompute"):
+        rejected["mlp_recompute"] = "turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_recompute"
+    elif chunked:
+        candidates.append("mlp_recompute")
+    else:
+        rejected["mlp_recompute"] = f"not available: {why}"
     candidates += ["offload", "full"]
     extra = extra_bytes(trainer)
     # a candidate fits when its step plus the optimizer state stays under the budget; on a CPU the budget
@@ -271,7 +279,6 @@ def _decide_locally(trainer, settings) -> policy.Decision:
 
     ladder = policy.Ladder(spec, run, budget, extra, floor=policy.floor_bytes(model),
                            release=lambda: policy.release(device))
-    rejected: dict = {}
     with policy.memory_cap(device, budget), policy.quick_collections():
         chosen, peaks = policy.choose(candidates, ladder.peak, budget, extra, rejected=rejected)
     held = [r["peak"] for r in ladder.records if r["peak"] is not None]

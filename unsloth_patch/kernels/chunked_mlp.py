@@ -1,0 +1,152 @@
+"""A gated MLP that stores none of its intermediate activations: token chunks forward, recomputed backward.
+
+``down(act(gate(x)) * up(x))`` holds, per token, the gate and up projections, their gated product
+and, in the backward, the gradients of all three: six ``intermediate``-wide tensors (96 KiB a
+token for a 1.1B Llama with intermediate 8192, bf16) against the 4 KiB of ``x``. Under
+checkpointing the recomputed layer's MLP is the largest thing a LoRA step holds. Here the forward
+runs in chunks of ``chunk`` tokens and keeps only ``x``; the backward recomputes each chunk's
+projections and product, and frees them before the next chunk. At most one chunk's four
+intermediate tensors are live (the activation's gradients overwrite the projections).
+
+Each projection is a :class:`Projection`: a base weight and, optionally, one LoRA adapter
+(``lora_b(lora_a(x)) * scaling`` added to the base output, as PEFT computes it, in the same order
+and dtype). Gradients go to whichever tensors require them: the adapters (low-rank order: the
+dense merged weight is never formed) and the base weights when they are trained; they are summed
+over the chunks in float32. Everything runs in ``dtype`` (the autocast dtype, or the input's);
+``x``'s gradient comes back in ``x``'s dtype.
+
+``skip=True`` returns an uninitialised output of the right shape and only saves ``x``: for a
+checkpointed layer's recomputation, whose MLP output nobody reads when the MLP is the layer's last
+saving operation (``mlp_recompute`` decides that; the backward uses the original forward's node).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import swiglu
+
+__all__ = ["Projection", "chunked_gated_mlp", "CHUNK_TOKENS"]
+
+CHUNK_TOKENS = 2048  # one chunk's intermediate tensors: 4 x 2048 x intermediate x 2 bytes (128 MiB at 8192)
+
+
+class Projection(NamedTuple):
+    """One linear projection: ``x @ weight.T`` plus ``(x @ lora_a.T) @ lora_b.T * scaling`` when adapted."""
+
+    weight: torch.Tensor  # [out, in]
+    lora_a: Optional[torch.Tensor] = None  # [rank, in]
+    lora_b: Optional[torch.Tensor] = None  # [out, rank]
+    scaling: float = 1.0
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _project(x, weight, a, b, scaling):
+    y = F.linear(x, weight)
+    if a is not None:
+        y = y + F.linear(F.linear(x, a), b) * scaling
+    return y
+
+
+def _accumulate(store, key, value):
+    """Sum a parameter's per-chunk gradients, in float32 from the second chunk on (one chunk: as computed)."""
+    if store[key] is None:
+        store[key] = value
+        return
+    if store[key].dtype != torch.float32:
+        store[key] = store[key].float()
+    store[key].add_(value)
+
+
+class _ChunkedGatedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, settings, *tensors):
+        gelu, dtype, chunk, skip, scalings = settings
+        ctx.settings = settings
+        ctx.tensors = tensors  # parameters: plain references, nothing saved for them
+        ctx.save_for_backward(x)
+        rows = x.reshape(-1, x.shape[-1])
+        out_features = tensors[6].shape[0]
+        out = rows.new_empty((rows.shape[0], out_features), dtype=dtype)
+        if skip:
+            return out.view(*x.shape[:-1], out_features)
+        with torch.autocast(x.device.type, enabled=False):
+            w = [_cast(t, dtype) for t in tensors]
+            for start in range(0, rows.shape[0], chunk):
+                xc = rows[start:start + chunk].to(dtype)
+                gate = _project(xc, w[0], w[1], w[2], scalings[0])
+                up = _project(xc, w[3], w[4], w[5], scalings[1])
+                hidden = swiglu.gated_forward_plain(gate, up, gelu)
+                del gate, up
+                out[start:start + chunk] = _project(hidden, w[6], w[7], w[8], scalings[2])
+        return out.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        gelu, dtype, chunk, _, scalings = ctx.settings
+        tensors = ctx.tensors
+        wanted = [t is not None and t.requires_grad for t in tensors]
+        grads: list = [None] * len(tensors)
+        rows = x.reshape(-1, x.shape[-1])
+        dy_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        dx = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None
+        with torch.autocast(x.device.type, enabled=False):
+            w = [_cast(t, dtype) for t in tensors]
+            for start in range(0, rows.shape[0], chunk):
+                xc = rows[start:start + chunk].to(dtype)
+                dy = dy_rows[start:start + chunk].to(dtype)
+                gate = _project(xc, w[0], w[1], w[2], scalings[0])
+                up = _project(xc, w[3], w[4], w[5], scalings[1])
+                hidden = swiglu.gated_forward_plain(gate, up, gelu)
+                d_hidden = _input_grad(dy, hidden, w, wanted, grads, 6, scalings[2])
+                del hidden
+                d_gate, d_up = swiglu.gated_backward_into(d_hidden, gate, up, gelu)
+                del d_hidden
+                d_x = _input_grad(d_gate, xc, w, wanted, grads, 0, scalings[0])
+                d_x = d_x.add_(_input_grad(d_up, xc, w, wanted, grads, 3, scalings[1]))
+                if dx is not None:
+                    dx[start:start + chunk] = d_x
+                del gate, up, d_gate, d_up, d_x
+        out = [None if g is None else g.to(t.dtype) for g, t in zip(grads, tensors)]
+        return (None if dx is None else dx.view(x.shape), None, *out)
+
+
+def _input_grad(dy, inp, w, wanted, grads, at, scaling):
+    """The projection ``at`` (its weight, lora_a, lora_b in ``w[at:at + 3]``) given its output's gradient ``dy``
+    and its input ``inp``: accumulates the parameters' gradients into ``grads``, returns the input's gradient."""
+    weight, a, b = w[at], w[at + 1], w[at + 2]
+    if wanted[at]:
+        _accumulate(grads, at, dy.t().mm(inp))
+    d_inp = dy.mm(weight)
+    if a is not None:
+        d_lora = dy * scaling  # the gradient of lora_b's output, as autograd forms it through "* scaling"
+        if wanted[at + 2]:
+            _accumulate(grads, at + 2, d_lora.t().mm(F.linear(inp, a)))
+        d_low = d_lora.mm(b)  # [tokens, rank]
+        if wanted[at + 1]:
+            _accumulate(grads, at + 1, d_low.t().mm(inp))
+        d_inp = d_inp.add_(d_low.mm(a))
+    return d_inp
+
+
+def chunked_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, activation: str = "silu",
+                      dtype: Optional[torch.dtype] = None, chunk: int = CHUNK_TOKENS, skip: bool = False):
+    """``down(act(gate(x)) * up(x))`` in ``dtype`` (default ``x.dtype``), keeping only ``x`` for the backward."""
+    if activation not in swiglu.ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {swiglu.ACTIVATIONS}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
+    for name, p in (("gate", gate), ("up", up), ("down", down)):
+        if (p.lora_a is None) != (p.lora_b is None):
+            raise ValueError(f"{name}: lora_a and lora_b come together (one given without the other)")
+    tensors = (*gate[:3], *up[:3], *down[:3])
+    settings = (activation == "gelu_tanh", dtype or x.dtype, int(chunk), bool(skip),
+                (float(gate.scaling), float(up.scaling), float(down.scaling)))
+    return _ChunkedGatedMLP.apply(x, settings, *tensors)

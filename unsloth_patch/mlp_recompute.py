@@ -1,0 +1,179 @@
+"""The ``mlp_recompute`` checkpointing policy, MLP side: which MLPs run chunked, and when a recomputation stops.
+
+Under plain (full) checkpointing a layer's backward first reruns its forward to get back what
+autograd saved, the MLP's gate, up and product included, and then holds their gradients too: at a
+LoRA step's peak these are the largest tensors on the card (``kernels/chunked_mlp.py``). Under
+``mlp_recompute`` the layers are checkpointed the same way, but each eligible MLP keeps only its
+input and recomputes its intermediates chunk by chunk in its own backward. The layer's
+recomputation then has nothing to rebuild past the MLP's input: the MLP's forward there returns
+at once (its output feeds only the residual add, which saves nothing), and PyTorch's
+non-reentrant checkpoint stops the recomputation there. Per layer the MLP's projections run three
+times (forward, backward recompute, backward) instead of four, and a step holds one chunk of
+intermediates instead of a layer's.
+
+An MLP is eligible when it is one of our fused gated MLPs, its parent layer's forward uses the MLP
+output only in additions (``mlp_is_last``: Llama, Mistral, Qwen2, Qwen3, Gemma; not Gemma2, whose
+post-feed-forward norm saves the MLP output), and each projection is a bias-free ``nn.Linear`` or
+PEFT's plain LoRA ``Linear`` with one active vanilla adapter, no dropout, no hooks. Anything else
+keeps the module path. The checkpoint function (``checkpointing/functions.py``) says, around each
+layer call, whether it is the forward or the recomputation (``layer_call``).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import inspect
+import textwrap
+import threading
+from typing import Optional
+
+MARK = "_unsloth_mlp_last"  # set on a fused MLP whose layer uses its output only in additions
+_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")
+_state = threading.local()  # the backward's recomputation runs on autograd's device thread
+
+
+@contextlib.contextmanager
+def layer_call(recomputing: bool):
+    """Around one checkpointed layer call: eligible MLPs inside run chunked, and return at once when recomputing."""
+    previous = getattr(_state, "phase", None)
+    _state.phase = "recompute" if recomputing else "forward"
+    try:
+        yield
+    finally:
+        _state.phase = previous
+
+
+def phase() -> Optional[str]:
+    """``"forward"``, ``"recompute"`` inside a ``layer_call``; None elsewhere."""
+    return getattr(_state, "phase", None)
+
+
+@functools.lru_cache(maxsize=64)
+def mlp_is_last(cls) -> bool:
+    """Whether ``cls.forward`` calls ``self.mlp`` once, as a statement of its own, and calls nothing after it
+    (the output goes only into additions and the return): then nothing after the MLP saves a tensor."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return False
+    function = tree.body[0] if tree.body else None
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+
+    def calls_mlp(node) -> bool:
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "mlp"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "self")
+
+    body = function.body
+    at = [i for i, statement in enumerate(body) if any(calls_mlp(n) for n in ast.walk(statement))]
+    if len(at) != 1 or not (isinstance(body[at[0]], ast.Assign) and calls_mlp(body[at[0]].value)):
+        return False
+    return not any(isinstance(n, ast.Call) for statement in body[at[0] + 1:] for n in ast.walk(statement))
+
+
+def _plain_linear(module) -> Optional[str]:
+    import torch
+
+    if type(module) is not torch.nn.Linear:
+        return f"{type(module).__name__} is not a plain nn.Linear"
+    if module.bias is not None:
+        return "has a bias"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks"
+    return None
+
+
+def projection_of(module):
+    """``(Projection, None)`` for a projection the chunked MLP computes exactly as the module does, else
+    ``(None, why not)``. Reads the module's current state (adapters enabled, merged, active)."""
+    from .kernels.chunked_mlp import Projection
+
+    cls = type(module)
+    if (cls.__module__, cls.__name__) != _LORA_LINEAR:
+        why = _plain_linear(module)
+        return (None, why) if why else (Projection(module.weight), None)
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None, "the LoRA layer has forward hooks"
+    why = _plain_linear(module.base_layer)
+    if why:
+        return None, f"its base layer {why}"
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return None, "adapters disabled or merged"
+    active = [name for name in module.active_adapters if name in module.lora_A.keys()]
+    if len(active) != 1:
+        return None, f"{len(active)} active adapters (one is fused)"
+    name = active[0]
+    if name in (getattr(module, "lora_variant", None) or {}) or (getattr(module, "use_dora", None) or {}).get(name):
+        return None, "a LoRA variant (e.g. DoRA): left to PEFT"
+    import torch
+
+    if not isinstance(module.lora_dropout[name], torch.nn.Identity):
+        return None, "lora_dropout > 0"
+    a, b = module.lora_A[name], module.lora_B[name]
+    for part, layer in (("lora_A", a), ("lora_B", b)):
+        why = _plain_linear(layer)
+        if why:
+            return None, f"its {part} {why}"
+    return Projection(module.base_layer.weight, a.weight, b.weight, float(module.scaling[name])), None
+
+
+def _compute_dtype(x, projections):
+    import torch
+
+    device = x.device.type
+    try:
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+    except (TypeError, RuntimeError):
+        return None
+    dtypes = {t.dtype for p in projections for t in p[:3] if t is not None}
+    return x.dtype if dtypes == {x.dtype} else None  # without autocast PEFT would mix dtypes: not fused
+
+
+def forward(mlp, x):
+    """The MLP's output through the chunked path inside a ``layer_call``, or None (the module path runs)."""
+    current = phase()
+    if current is None or not getattr(mlp, MARK, False):
+        return None
+    projections = [projection_of(getattr(mlp, name))[0] for name in ("gate_proj", "up_proj", "down_proj")]
+    if any(p is None for p in projections):
+        return None
+    dtype = _compute_dtype(x, projections)
+    if dtype is None:
+        return None
+    from .kernels.chunked_mlp import chunked_gated_mlp
+
+    return chunked_gated_mlp(x, *projections, activation=mlp._unsloth_activation, dtype=dtype,
+                             skip=current == "recompute")
+
+
+def available(model) -> tuple:
+    """``(eligible MLP count, why not)``: the policy is offered when every fused gated MLP of ``model`` is
+    eligible (why not is then ""); otherwise the first reason found."""
+    count = 0
+    for name, module in model.named_modules():
+        if getattr(module, "_unsloth_activation", None) is None or "forward" not in vars(module):
+            continue
+        if not getattr(module, MARK, False):
+            return 0, f"{name}: its layer uses the MLP output beyond a residual add"
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            _, why = projection_of(getattr(module, projection))
+            if why:
+                return 0, f"{name}.{projection}: {why}"
+        count += 1
+    if not count:
+        return 0, "no fused gated MLP (fused kernels off, not on a GPU, or no Llama-style MLP)"
+    return count, ""
+
+
+def mark_last_mlps(model, edits, fused_mlp) -> int:
+    """Mark, through ``edits``, each fused MLP (``fused_mlp(module)``) whose parent layer's forward ends with it."""
+    marked = 0
+    for module in model.modules():
+        mlp = getattr(module, "mlp", None)
+        if mlp is not None and fused_mlp(mlp) and mlp_is_last(type(module)):
+            edits.setattr(mlp, MARK, True)
+            marked += 1
+    return marked

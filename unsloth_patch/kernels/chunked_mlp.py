@@ -54,14 +54,25 @@ def _project(x, weight, a, b, scaling):
     return y
 
 
-def _accumulate(store, key, value):
-    """Sum a parameter's per-chunk gradients, in float32 from the second chunk on (one chunk: as computed)."""
-    if store[key] is None:
-        store[key] = value
+_WIDE_ADDMM = [True]  # torch.addmm(..., out_dtype=float32) into the accumulator; off once it fails
+
+
+def _accumulate(store, key, a, b):
+    """Add ``a @ b`` to a parameter's gradient over the chunks: the first chunk's as computed, the sum in float32
+    from the second on (on CUDA the product is added inside the matmul, with no half-precision copy)."""
+    acc = store[key]
+    if acc is None:
+        store[key] = a.mm(b)
         return
-    if store[key].dtype != torch.float32:
-        store[key] = store[key].float()
-    store[key].add_(value)
+    if acc.dtype != torch.float32:
+        acc = store[key] = acc.float()
+    if a.dtype != torch.float32 and a.is_cuda and _WIDE_ADDMM[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _WIDE_ADDMM[0] = False
+    acc.add_(a.mm(b))
 
 
 class _ChunkedGatedMLP(torch.autograd.Function):
@@ -123,15 +134,15 @@ def _input_grad(dy, inp, w, wanted, grads, at, scaling):
     and its input ``inp``: accumulates the parameters' gradients into ``grads``, returns the input's gradient."""
     weight, a, b = w[at], w[at + 1], w[at + 2]
     if wanted[at]:
-        _accumulate(grads, at, dy.t().mm(inp))
+        _accumulate(grads, at, dy.t(), inp)
     d_inp = dy.mm(weight)
     if a is not None:
         d_lora = dy * scaling  # the gradient of lora_b's output, as autograd forms it through "* scaling"
         if wanted[at + 2]:
-            _accumulate(grads, at + 2, d_lora.t().mm(F.linear(inp, a)))
+            _accumulate(grads, at + 2, d_lora.t(), F.linear(inp, a))
         d_low = d_lora.mm(b)  # [tokens, rank]
         if wanted[at + 1]:
-            _accumulate(grads, at + 1, d_low.t().mm(inp))
+            _accumulate(grads, at + 1, d_low.t(), inp)
         d_inp = d_inp.add_(d_low.mm(a))
     return d_inp
 

@@ -1,0 +1,65 @@
+"""The shape of one training step, read from a built trainer, for the memory bound (``checkpointing.bound``).
+
+Facts only: sizes from the model's config, the attention implementation it trains with, what the
+device already holds. The bound itself, and whether it fits, are decided elsewhere.
+"""
+
+from __future__ import annotations
+
+from .. import checkpointing as policy
+from .trainer_facts import base_model
+
+_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
+    """``StepShape`` of ``trainer``'s largest batch ``spec`` under autocast ``mixed`` (None: sizes unknown)."""
+    import torch
+
+    model = trainer.model
+    base = base_model(model)
+    config = getattr(base, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def size(name, default=0):
+        value = getattr(text, name, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    hidden, heads = size("hidden_size"), size("num_attention_heads")
+    if not (hidden and heads):
+        return None
+    parameters = list(model.parameters())
+    device = parameters[0].device if parameters else torch.device("cpu")
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device)
+    else:
+        resident = sum(t.numel() * t.element_size() for t in [*parameters, *model.buffers()])
+    trainable = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
+    if mixed in ("bf16", "fp16"):
+        activation = 2
+    else:
+        floating = [p for p in parameters if p.is_floating_point()]
+        activation = floating[0].element_size() if floating else 4
+    quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+                     or getattr(config, "quantization_config", None) is not None
+                     or any(not p.is_floating_point() for p in parameters))
+    return policy.StepShape(
+        model_type=str(getattr(text, "model_type", "") or getattr(config, "model_type", "")),
+        attention=str(getattr(config, "_attn_implementation", None) or getattr(text, "_attn_implementation", "")),
+        layers=size("num_hidden_layers"),
+        hidden=hidden,
+        intermediate=size("intermediate_size"),
+        heads=heads,
+        kv_heads=size("num_key_value_heads", heads),
+        head_dim=size("head_dim", hidden // heads),
+        vocab=size("vocab_size"),
+        tokens=sum(spec.lengths),
+        activation_bytes=activation,
+        resident_bytes=resident,
+        gradient_bytes=trainable,
+        lora=hasattr(model, "peft_config"),
+        quantized=quantized,
+        experts=max(size(name) for name in _EXPERT_FIELDS),
+    )

@@ -143,10 +143,10 @@ def forward(mlp, x):
     dtype = _compute_dtype(x, projections)
     if dtype is None:
         return None
-    from .kernels.chunked_mlp import chunked_gated_mlp
+    from .kernels import chunked_mlp
 
-    return chunked_gated_mlp(x, *projections, activation=mlp._unsloth_activation, dtype=dtype,
-                             skip=current == "recompute")
+    return chunked_mlp.chunked_gated_mlp(x, *projections, activation=mlp._unsloth_activation, dtype=dtype,
+                                         chunk=chunked_mlp.CHUNK_TOKENS, skip=current == "recompute")
 
 
 def available(model) -> tuple:

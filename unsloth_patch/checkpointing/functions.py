@@ -175,8 +175,6 @@ class _PinnedPool:
         return 1 << max(20, (max(nbytes, 1) - 1).bit_length())
 
     def take(self, nbytes: int):
-        import torch
-
         size = self.bucket(nbytes)
         waiting = self.free.get(size) or []
         for i, (buffer, event) in enumerate(waiting):
@@ -184,6 +182,12 @@ class _PinnedPool:
                 del waiting[i]
                 return buffer
         self.allocated += size
+        return self._allocate(size)
+
+    @staticmethod
+    def _allocate(size: int):
+        import torch
+
         return torch.empty(size, dtype=torch.uint8, pin_memory=True)
 
     def give(self, state: list) -> None:

@@ -185,18 +185,38 @@ def _backward_into_triton(dy, gate, up, gelu):
     return gate, up
 
 
+_REFERENCE_BLOCK = 1 << 16  # elements: the PyTorch references below work on row blocks, fp32 temporaries stay small
+
+
+def _row_blocks(*tensors):
+    rows = [t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1) for t in tensors]
+    step = max(1, _REFERENCE_BLOCK // max(1, rows[0].shape[1]))
+    for start in range(0, rows[0].shape[0], step):
+        yield [r[start:start + step] for r in rows]
+
+
 def _backward_into_reference(dy, gate, up, gelu):
-    dgate, dup = _backward_reference(dy, gate, up, gelu)
-    return gate.copy_(dgate), up.copy_(dup)
+    for dy_rows, gate_rows, up_rows in _row_blocks(dy, gate, up):
+        dgate, dup = _backward_reference(dy_rows, gate_rows, up_rows, gelu)
+        gate_rows.copy_(dgate)
+        up_rows.copy_(dup)
+    return gate, up
+
+
+def _forward_plain_reference(gate, up, gelu):
+    y = torch.empty_like(gate)
+    for y_rows, gate_rows, up_rows in _row_blocks(y, gate, up):
+        y_rows.copy_(_forward_reference(gate_rows, up_rows, gelu))
+    return y
 
 
 def gated_forward_plain(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
     """``act(gate) * up`` without autograd (for callers that do their own backward): the kernel where it runs,
-    else the same fp32 maths in PyTorch."""
+    else the same fp32 maths in PyTorch, a block of rows at a time."""
     gate, up = _flat(gate), _flat(up)
     if is_supported(gate.device, gate.dtype):
-        return _guard.run(KERNEL, _forward_triton, _forward_reference, gate, up, gelu)
-    return _forward_reference(gate, up, gelu)
+        return _guard.run(KERNEL, _forward_triton, _forward_plain_reference, gate, up, gelu)
+    return _forward_plain_reference(gate, up, gelu)
 
 
 def gated_backward_into(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool):

@@ -1,0 +1,330 @@
+"""The ``mlp_recompute`` policy: a gated MLP that keeps only its input, and a layer recomputation that stops before it.
+
+The chunked MLP against autograd through the same maths (fp32, every chunk size, LoRA and trained base
+weights), which projections and layers are eligible and why the others are not, and, through
+``Trainer.train`` on a tiny Llama whose layers are fused on this CPU (kernels replaced by their PyTorch
+references), the probe choosing it, the same losses as full checkpointing, and less memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+import torch.nn.functional as F  # noqa: E402
+
+import unsloth_patch  # noqa: E402  (activates the patches before TRL/transformers load)
+from unsloth_patch import checkpointing as policy  # noqa: E402
+from unsloth_patch import layers, mlp_recompute  # noqa: E402
+from unsloth_patch.edits import Edits  # noqa: E402
+from unsloth_patch.kernels import chunked_mlp  # noqa: E402
+from unsloth_patch.kernels.chunked_mlp import Projection, chunked_gated_mlp  # noqa: E402
+from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
+from unsloth_patch.settings import Settings  # noqa: E402
+from unsloth_patch.tiny import available_families, build_model  # noqa: E402
+
+from .helpers import losses, sft_config, sft_trainer, text_dataset, use_settings  # noqa: E402,F401
+
+unsloth_patch.apply()
+HIDDEN, INTERMEDIATE, RANK = 24, 40, 4
+
+
+def _projection(out_features, in_features, lora, trained, seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(out_features, in_features, generator=g) * 0.2).requires_grad_(trained)
+    if not lora:
+        return Projection(weight)
+    a = (torch.randn(RANK, in_features, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(out_features, RANK, generator=g) * 0.3).requires_grad_()
+    return Projection(weight, a, b, 0.7)
+
+
+def _reference(x, gate, up, down, activation):
+    def project(t, p):
+        y = F.linear(t, p.weight)
+        return y if p.lora_a is None else y + F.linear(F.linear(t, p.lora_a), p.lora_b) * p.scaling
+
+    g = project(x, gate)
+    act = F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+    return project(act * project(x, up), down)
+
+
+@pytest.mark.parametrize("lora, trained", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_chunked_mlp_matches_autograd_for_every_chunk_size(lora, trained, activation):
+    gate = _projection(INTERMEDIATE, HIDDEN, lora, trained, 1)
+    up = _projection(INTERMEDIATE, HIDDEN, lora, trained, 2)
+    down = _projection(HIDDEN, INTERMEDIATE, lora, trained, 3)
+    x = torch.randn(2, 13, HIDDEN, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    wanted = [x] + [t for p in (gate, up, down) for t in p[:3] if t is not None and t.requires_grad]
+    expected = _reference(x, gate, up, down, activation)
+    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5))
+    expected_grads = torch.autograd.grad(expected, wanted, dy)
+    for chunk in (1, 5, 26, 1000):  # one token, uneven chunks, exactly one chunk, more than the tokens
+        out = chunked_gated_mlp(x, gate, up, down, activation, chunk=chunk)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        for got, want in zip(torch.autograd.grad(out, wanted, dy), expected_grads):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_mlp_keeps_only_its_input_for_the_backward():
+    gate, up = (_projection(INTERMEDIATE, HIDDEN, True, False, s) for s in (1, 2))
+    down = _projection(HIDDEN, INTERMEDIATE, True, False, 3)
+    x = torch.randn(50, HIDDEN).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = chunked_gated_mlp(x, gate, up, down, chunk=8)
+    assert len(saved) == 1 and saved[0] is x  # no [tokens, intermediate] tensor outlives the forward
+    out.sum().backward()
+    assert gate.lora_a.grad is not None and gate.weight.grad is None  # the frozen base gets none
+
+
+def test_skip_returns_the_shape_at_once_and_saves_the_same():
+    gate, up = (_projection(INTERMEDIATE, HIDDEN, False, True, s) for s in (1, 2))
+    down = _projection(HIDDEN, INTERMEDIATE, False, True, 3)
+    x = torch.randn(3, 7, HIDDEN).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = chunked_gated_mlp(x, gate, up, down, skip=True)
+    assert out.shape == (3, 7, HIDDEN) and out.requires_grad and saved == [x]
+
+
+def test_chunked_mlp_half_precision_sums_chunks_in_float32():
+    gate, up = (_projection(INTERMEDIATE, HIDDEN, True, True, s) for s in (1, 2))
+    down = _projection(HIDDEN, INTERMEDIATE, True, True, 3)
+    x = torch.randn(40, HIDDEN, dtype=torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_gated_mlp(x, gate, up, down, dtype=torch.bfloat16, chunk=8)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert gate.weight.grad.dtype == torch.float32 and gate.lora_a.grad.dtype == torch.float32  # as the parameters
+
+
+def test_bad_arguments_are_named():
+    p = _projection(INTERMEDIATE, HIDDEN, False, False, 1)
+    d = _projection(HIDDEN, INTERMEDIATE, False, False, 2)
+    x = torch.randn(4, HIDDEN)
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        chunked_gated_mlp(x, p, p, d, "relu")
+    with pytest.raises(ValueError, match="chunk must be a positive number of tokens, got 0"):
+        chunked_gated_mlp(x, p, p, d, chunk=0)
+    with pytest.raises(ValueError, match="gate: lora_a and lora_b come together"):
+        chunked_gated_mlp(x, Projection(p.weight, p.weight[:2]), p, d)
+
+
+def test_zero_tokens():
+    p, d = _projection(INTERMEDIATE, HIDDEN, True, True, 1), _projection(HIDDEN, INTERMEDIATE, True, True, 2)
+    x = torch.randn(0, HIDDEN).requires_grad_()
+    out = chunked_gated_mlp(x, p, p, d)
+    assert out.shape == (0, HIDDEN)
+    out.sum().backward()
+    assert x.grad.shape == (0, HIDDEN)
+
+
+# --------------------------------------------------------------------------- which MLPs and layers
+
+
+def test_layers_whose_mlp_output_only_meets_an_addition():
+    families = {"llama": True, "mistral": True, "qwen2": True, "qwen3": True, "gemma": True, "gemma2": False}
+    for family, expected in families.items():
+        if family not in available_families():
+            continue
+        layer = build_model(family, vocab_size=64, num_layers=1).model.layers[0]
+        assert mlp_recompute.mlp_is_last(type(layer)) is expected, family  # gemma2: a norm after its MLP
+
+
+def test_plain_linear_projections():
+    assert mlp_recompute.projection_of(torch.nn.Linear(4, 3, bias=False))[0].lora_a is None
+    assert mlp_recompute.projection_of(torch.nn.Linear(4, 3))[1] == "has a bias"
+    hooked = torch.nn.Linear(4, 3, bias=False)
+    hooked.register_forward_hook(lambda *a: None)
+    assert mlp_recompute.projection_of(hooked)[1] == "has forward hooks"
+    assert "is not a plain nn.Linear" in mlp_recompute.projection_of(torch.nn.Conv1d(4, 3, 1))[1]
+
+
+def _lora_mlp(**config):
+    peft = pytest.importorskip("peft")
+    model = build_model("llama", vocab_size=64, num_layers=1)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                                         **config))
+    return wrapped, wrapped.get_base_model().model.layers[0].mlp
+
+
+def test_peft_lora_projections_and_why_others_are_left_to_peft():
+    _, mlp = _lora_mlp(lora_dropout=0.0, lora_alpha=4)
+    projection, why = mlp_recompute.projection_of(mlp.gate_proj)
+    assert why is None and projection.scaling == 2.0 and projection.lora_a is mlp.gate_proj.lora_A["default"].weight
+    assert mlp_recompute.projection_of(_lora_mlp(lora_dropout=0.1)[1].up_proj)[1] == "lora_dropout > 0"
+    assert "DoRA" in mlp_recompute.projection_of(_lora_mlp(lora_dropout=0.0, use_dora=True)[1].up_proj)[1]
+    wrapped, mlp = _lora_mlp(lora_dropout=0.0)
+    with wrapped.disable_adapter():
+        assert mlp_recompute.projection_of(mlp.down_proj)[1] == "adapters disabled or merged"
+
+
+def test_the_chunked_path_runs_only_inside_a_layer_call():
+    model = build_model("llama", vocab_size=64, num_layers=1)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 5, 64)
+    edits = Edits()
+    edits.setattr(mlp, "_unsloth_activation", "silu")
+    edits.setattr(mlp, mlp_recompute.MARK, True)
+    assert mlp_recompute.phase() is None and mlp_recompute.forward(mlp, x) is None
+    with mlp_recompute.layer_call(recomputing=False):
+        assert mlp_recompute.phase() == "forward"
+        torch.testing.assert_close(mlp_recompute.forward(mlp, x), type(mlp).forward(mlp, x), rtol=1e-5, atol=1e-6)
+        with mlp_recompute.layer_call(recomputing=True):
+            assert mlp_recompute.phase() == "recompute"
+        assert mlp_recompute.phase() == "forward"
+    edits.rollback()
+    assert mlp_recompute.forward(mlp, x) is None and not hasattr(mlp, mlp_recompute.MARK)
+
+
+# --------------------------------------------------------------------------- through Trainer.train
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer):
+    return text_dataset(tokenizer, limit=16)
+
+
+@pytest.fixture
+def fused_on_this_cpu(monkeypatch, use_settings):
+    """The trainer fuses the tiny model's layers on the CPU, with the kernels' PyTorch references."""
+    from unsloth_patch.kernels import rmsnorm, swiglu
+
+    monkeypatch.setattr(layers, "_triton_available", lambda: True)
+    monkeypatch.setattr(layers, "_model_reason", lambda model: None)
+    monkeypatch.setattr(layers, "_runs_here", lambda tensor: True)
+    monkeypatch.setattr(rmsnorm, "rms_norm", rmsnorm.rms_norm_reference)
+    monkeypatch.setattr(swiglu, "gated_activation", _autograd_gated)
+    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 64)  # a batch of four 64-token rows: four chunks
+    use_settings(kernels_off=("rope",))
+
+
+def _autograd_gated(gate, up, kind):
+    return (F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh")) * up
+
+
+def _config(tmp_path, **overrides):
+    values = dict(max_length=64, per_device_train_batch_size=4, max_steps=4, learning_rate=1e-3, bf16=False,
+                  logging_steps=1)
+    values.update(overrides)
+    config = sft_config(tmp_path, **values)
+    for name in wiring.FLAG_FIELDS:  # on only as TRL's default would set it
+        if hasattr(config, name):
+            object.__setattr__(config, name, True)
+    return config
+
+
+def _trainer(tokenizer, dataset, tmp_path, peft_config=None, **overrides):
+    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=2048, seed=0)
+    kwargs = {"peft_config": peft_config} if peft_config is not None else {}
+    return sft_trainer(model, tokenizer, dataset, _config(tmp_path, **overrides), **kwargs)
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_probe_chooses_it_and_training_matches_full_checkpointing(adapter, tokenizer, dataset, tmp_path,
+                                                                  fused_on_this_cpu, use_settings, monkeypatch):
+    kind, reason = layers._mlp_activation(build_model("llama", vocab_size=64, num_layers=1).model.layers[0].mlp)
+    if kind is None:  # transformers 4.46's LlamaMLP.forward carries a pretraining_tp branch: never fused there
+        assert "forward is not" in reason, reason
+        pytest.skip(f"no fused MLP on this transformers ({reason})")
+    peft = pytest.importorskip("peft") if adapter else None
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                             task_type="CAUSAL_LM") if adapter else None
+    full = _trainer(tokenizer, dataset, tmp_path / "full", config)
+    forced = policy.Decision("full", "forced for the reference run", probed=True)
+    with monkeypatch.context() as m:
+        m.setattr(wiring, "decide", lambda trainer, settings: forced)
+        full.train()
+    reference = losses(full)
+
+    trainer = _trainer(tokenizer, dataset, tmp_path / "ours", config)
+    spec, extra = wiring.probe_spec(trainer), wiring.extra_bytes(trainer)
+    loss_fn = wiring.trainer_loss(trainer)
+    layers.fuse_model_layers(trainer.model, edits=Edits())  # fused as train() will fuse them, to measure
+    assert mlp_recompute.available(trainer.model) == (2, "")  # both layers' MLPs, LoRA or not
+    recomputing = {}  # the most a layer's recomputation and backward held, in one step of the batch
+    for name in ("mlp_recompute", "full"):
+        step = policy.measure(trainer.model, spec, name, {}, None, None, loss_fn=loss_fn, phases=True)
+        recomputing[name] = max(peak for (peak, _), kind in zip(step.phases, step.kinds) if kind == "recompute")
+    # the recomputed layer's MLP intermediates (256 tokens x 2048 x 4 bytes each): a quarter of four held at once
+    assert recomputing["full"] - recomputing["mlp_recompute"] > 2 * 256 * 2048 * 4, recomputing
+    predicted = {name: policy.predicted_peak(trainer.model, spec, name, {}, None, None, loss_fn=loss_fn)
+                 for name in ("none", "selective", "mlp_recompute")}
+    faster = min(predicted["none"], predicted["selective"])  # the candidates probed before it hold more
+    assert faster > predicted["mlp_recompute"], predicted
+    use_settings(memory_budget_gb=((faster + predicted["mlp_recompute"]) / 2 + extra) / policy.GIB)
+    trainer.train()
+    decision = policy.last_decision()
+    assert decision.policy == "mlp_recompute", decision.summary()
+    got = losses(trainer)
+    assert len(got) == len(reference) == 4
+    for a, b in zip(reference, got):
+        assert abs(a - b) <= 1e-4 * abs(a), (reference, got)
+
+
+def test_turned_off_by_name(tokenizer, dataset, tmp_path, fused_on_this_cpu, use_settings):
+    use_settings(kernels_off=("rope", "mlp_recompute"), memory_budget_gb=64.0)
+    trainer = _trainer(tokenizer, dataset, tmp_path, max_steps=1)
+    decision = wiring._decide_locally(trainer, Settings(kernels_off=("rope", "mlp_recompute"), memory_budget_gb=64.0))
+    assert decision.rejected["mlp_recompute"] == "turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_recompute"
+
+
+def test_chunk_default_bounds_what_one_chunk_holds():
+    # four intermediate tensors of one chunk, bf16, for the 1.1B Llama's 8192: 128 MiB
+    assert 4 * chunked_mlp.CHUNK_TOKENS * 8192 * 2 == 128 << 20
+
+
+# --------------------------------------------------------------------------- offload's host side
+
+
+class _Event:
+    def __init__(self, done):
+        self.done = done
+
+    def query(self):
+        return self.done
+
+
+def test_pinned_pool_reuses_a_buffer_once_the_copy_that_read_it_finished():
+    from unsloth_patch.checkpointing import functions
+
+    class Pool(functions._PinnedPool):
+        @staticmethod
+        def _allocate(size):
+            return torch.empty(size, dtype=torch.uint8)
+
+    pool = Pool()
+    first = pool.take(3 << 20)
+    assert first.numel() == 4 << 20 and Pool.bucket(5 << 20) == 8 << 20 and Pool.bucket(1) == 1 << 20
+    copy = _Event(done=False)
+    pool.give([first, copy])
+    second = pool.take(3 << 20)  # the host-to-device copy still reads the first: a new buffer
+    assert second.data_ptr() != first.data_ptr() and pool.allocated == 8 << 20
+    copy.done = True
+    assert pool.take(4 << 20).data_ptr() == first.data_ptr()  # same bucket, copy done: reused
+    assert pool.take(9 << 20).numel() == 16 << 20 and pool.allocated == 24 << 20
+
+
+def test_offloaded_inputs_fetch_the_nearest_unused_ones_ahead():
+    import weakref
+
+    from unsloth_patch.checkpointing import functions
+
+    records, previous = [], None
+    for i in range(6):  # the order the forward saves them in
+        record = functions._Offloaded("cuda:0", None, None, False, previous, [None, None])
+        records.append(record)
+        previous = weakref.ref(record)
+    last = records[-1]
+    assert last.ahead(3) == [records[4], records[3], records[2]]
+    records[4].used = True
+    assert last.ahead(2) == [records[3], records[2]]
+    del records[1:3]  # freed by autograd: the chain ends there
+    assert last.ahead(5) == [records[1]]  # what was records[3]

@@ -10,8 +10,11 @@ it would not fit, and on CUDA the allocator is capped at the budget while the pr
 ``none``       no checkpointing: every activation is kept.
 ``selective``  checkpointed layers keep matmul and attention outputs and recompute the cheap
                elementwise / normalisation work (PyTorch selective activation checkpointing).
-``offload``    plain checkpointing whose saved layer inputs live in pinned host memory; the
-               device-to-host copies run on a side stream, overlapped with compute.
+``mlp_recompute``  plain checkpointing whose gated MLPs keep only their input: chunked, recomputed in
+               their own backward, skipped in the layer's recomputation (``mlp_recompute.py``).
+``offload``    plain checkpointing whose saved layer inputs live in pinned host memory (a reused
+               pool); the copies run on a side stream, overlapped with compute, the next layer's
+               fetched ahead in the backward; MLPs as under ``mlp_recompute``.
 ``full``       TRL's default: plain checkpointing.
 
 One reason to change per module: ``policy`` (the decision, pure), ``estimate``

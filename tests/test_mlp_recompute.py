@@ -105,6 +105,44 @@ def test_chunked_mlp_half_precision_sums_chunks_in_float32():
     assert gate.weight.grad.dtype == torch.float32 and gate.lora_a.grad.dtype == torch.float32  # as the parameters
 
 
+@pytest.mark.newest_only  # version-independent (torch only): once, in the session with the newest pins
+def test_chunked_mlp_under_torch_compile():
+    gate, up = (_projection(INTERMEDIATE, HIDDEN, True, True, s) for s in (1, 2))
+    down = _projection(HIDDEN, INTERMEDIATE, True, True, 3)
+    x = torch.randn(11, HIDDEN).requires_grad_()
+    wanted = [x, gate.weight, gate.lora_a, down.lora_b]
+
+    def loss(t):
+        return chunked_gated_mlp(t.sin(), gate, up, down, chunk=4).square().sum()
+
+    expected = torch.autograd.grad(loss(x), wanted)
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(x), wanted)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_kernel_forward_and_backward_in_place(gelu):
+    """The Triton launches the chunked MLP uses (under TRITON_INTERPRET=1 on a CPU): the product, and the
+    gradients written over gate and up, against the PyTorch references."""
+    pytest.importorskip("triton")
+    from unsloth_patch.kernels import swiglu
+
+    if not swiglu.is_supported(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32):
+        pytest.skip("the Triton kernels run neither on a GPU nor in the interpreter here")
+    g = torch.Generator().manual_seed(8)
+    gate, up, dy = (torch.randn(37, 70, generator=g) * 3 for _ in range(3))
+    torch.testing.assert_close(swiglu.gated_forward_plain(gate, up, gelu), swiglu._forward_reference(gate, up, gelu))
+    expected = swiglu._backward_reference(dy, gate, up, gelu)
+    gate_buffer, up_buffer = gate.clone(), up.clone()
+    dgate, dup = swiglu.gated_backward_into(dy, gate_buffer, up_buffer, gelu)
+    assert dgate.data_ptr() == gate_buffer.data_ptr() and dup.data_ptr() == up_buffer.data_ptr()
+    torch.testing.assert_close(dgate, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dup, expected[1], rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arguments_are_named():
     p = _projection(INTERMEDIATE, HIDDEN, False, False, 1)
     d = _projection(HIDDEN, INTERMEDIATE, False, False, 2)

@@ -331,9 +331,9 @@ class _Event:
 
 
 def test_pinned_pool_reuses_a_buffer_once_the_copy_that_read_it_finished():
-    from unsloth_patch.checkpointing import functions
+    from unsloth_patch.checkpointing import offload
 
-    class Pool(functions._PinnedPool):
+    class Pool(offload._PinnedPool):
         @staticmethod
         def _allocate(size):
             return torch.empty(size, dtype=torch.uint8)
@@ -353,11 +353,11 @@ def test_pinned_pool_reuses_a_buffer_once_the_copy_that_read_it_finished():
 def test_offloaded_inputs_fetch_the_nearest_unused_ones_ahead():
     import weakref
 
-    from unsloth_patch.checkpointing import functions
+    from unsloth_patch.checkpointing import offload
 
     records, previous = [], None
     for i in range(6):  # the order the forward saves them in
-        record = functions._Offloaded("cuda:0", None, None, False, previous, [None, None])
+        record = offload._Offloaded("cuda:0", None, None, False, previous, [None, None])
         records.append(record)
         previous = weakref.ref(record)
     last = records[-1]

@@ -20,7 +20,7 @@ it would not fit, and on CUDA the allocator is capped at the budget while the pr
 One reason to change per module: ``policy`` (the decision, pure), ``estimate``
 (the memory model: a step's peak from smaller steps, pure), ``bound`` (an upper bound of the
 no-checkpointing step from the model's shape, which lets a roomy card skip the probe, pure), ``functions`` (the checkpoint functions
-the policies install), ``meter`` (per-phase peaks: live tensor bytes on a CPU, the allocator on
+the policies install), ``offload`` (offloaded checkpoints' host side: pinned pool, copies, prefetch), ``meter`` (per-phase peaks: live tensor bytes on a CPU, the allocator on
 CUDA; the CUDA cap), ``probe`` (one step and what it restores), ``ladder`` (which steps run, each
 predicted first). ``patches/checkpointing.py`` wires it into ``Trainer.train``.
 """

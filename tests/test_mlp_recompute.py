@@ -307,6 +307,25 @@ def test_probe_chooses_it_and_training_matches_full_checkpointing(adapter, token
         assert abs(a - b) <= 1e-4 * abs(a), (reference, got)
 
 
+def test_offload_recomputes_the_mlps_the_same_way(tokenizer, dataset, tmp_path, fused_on_this_cpu, monkeypatch):
+    """``offload`` (its host copies are CUDA-only) keeps only the MLPs' inputs too: same losses as full."""
+    if layers._mlp_activation(build_model("llama", vocab_size=64, num_layers=1).model.layers[0].mlp)[0] is None:
+        pytest.skip("no fused MLP on this transformers (LlamaMLP.forward with a pretraining_tp branch)")
+    runs, calls = {}, []
+    real = chunked_mlp.chunked_gated_mlp
+    monkeypatch.setattr(chunked_mlp, "chunked_gated_mlp", lambda *a, **k: calls.append(k["skip"]) or real(*a, **k))
+    for name in ("full", "offload"):
+        trainer = _trainer(tokenizer, dataset, tmp_path / name)
+        forced = policy.Decision(name, "forced", probed=True)
+        with monkeypatch.context() as m:
+            m.setattr(wiring, "decide", lambda trainer, settings: forced)
+            trainer.train()
+        runs[name] = losses(trainer)
+    assert calls.count(False) == calls.count(True) == 2 * 4  # 2 layers x 4 steps, forward and recomputation
+    for a, b in zip(runs["full"], runs["offload"]):
+        assert abs(a - b) <= 1e-4 * abs(a), runs
+
+
 def test_turned_off_by_name(tokenizer, dataset, tmp_path, fused_on_this_cpu, use_settings):
     use_settings(kernels_off=("rope", "mlp_recompute"), memory_budget_gb=64.0)
     trainer = _trainer(tokenizer, dataset, tmp_path, max_steps=1)

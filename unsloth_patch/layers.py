@@ -31,11 +31,10 @@ import ast
 import functools
 import inspect
 import logging
-import textwrap
 import types
 from typing import Optional
 
-from . import fallback, log, mlp_recompute, rope_fusion
+from . import fallback, log, mlp_recompute, rope_fusion, source_ast
 from .settings import triton_interpreting as _interpreting
 
 __all__ = ["fuse_model_layers", "last_fusion", "is_fused"]
@@ -197,13 +196,8 @@ def _activation_kind(act_fn) -> Optional[str]:
 @functools.lru_cache(maxsize=64)
 def _standard_gated_forward(cls) -> bool:
     """Whether ``cls.forward`` is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
-        tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError, IndentationError):
-        return False
-    function = tree.body[0] if tree.body else None
-    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    function = source_ast.definition(cls.forward)
+    if function is None:
         return False
     arguments = function.args
     if arguments.vararg or arguments.kwarg or arguments.kwonlyargs or len(arguments.args) != 2:

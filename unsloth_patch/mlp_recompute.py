@@ -24,10 +24,10 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import inspect
-import textwrap
 import threading
 from typing import Optional
+
+from . import source_ast
 
 MARK = "_unsloth_mlp_last"  # set on a fused MLP whose layer uses its output only in additions
 _LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")
@@ -54,12 +54,8 @@ def phase() -> Optional[str]:
 def mlp_is_last(cls) -> bool:
     """Whether ``cls.forward`` calls ``self.mlp`` once, as a statement of its own, and calls nothing after it
     (the output goes only into additions and the return): then nothing after the MLP saves a tensor."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError, IndentationError):
-        return False
-    function = tree.body[0] if tree.body else None
-    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    function = source_ast.definition(cls.forward)
+    if function is None:
         return False
 
     def calls_mlp(node) -> bool:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import ast
 import functools
-import inspect
-import textwrap
 from typing import Optional
+
+from .. import source_ast
 
 # Keywords of the attention call that our varlen path implements exactly.
 SUPPORTED_KEYWORDS = frozenset({"dropout", "scaling", "sliding_window", "softcap", "position_ids"})
@@ -28,10 +28,8 @@ def call_sites(cls) -> Optional[tuple]:
 
     None when the class's forward has no readable source or makes no such call.
     """
-    forward = getattr(cls, "forward", None)
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
-    except (OSError, TypeError, SyntaxError, IndentationError):
+    tree = source_ast.parsed(getattr(cls, "forward", None))
+    if tree is None:
         return None
     sites = []
     for node in ast.walk(tree):

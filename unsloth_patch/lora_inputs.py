@@ -37,17 +37,30 @@ def remember(outcome: dict) -> None:
     _last = {"edited": outcome.get("edited", 0), "kept": dict(outcome.get("kept", {})), "reason": outcome["reason"]}
 
 
+def autocast_state(device_type: str) -> tuple:
+    """``(on, dtype)`` of autocast on ``device_type``; ``(None, None)`` when this torch or device cannot say."""
+    import torch
+
+    try:
+        on = bool(torch.is_autocast_enabled(device_type))
+        return on, (torch.get_autocast_dtype(device_type) if on else None)
+    except (TypeError, RuntimeError):  # a torch or device without per-device autocast queries
+        return None, None
+
+
+def is_plain_lora_linear(module) -> bool:
+    """Whether ``module`` is PEFT's plain LoRA ``Linear`` (not a quantised or other layer type)."""
+    cls = type(module)
+    return (cls.__module__, cls.__name__) == _LORA_LINEAR
+
+
 def _kept_input(self, x, dtype):
     """``LoraLayer._cast_input_dtype``, but the input is returned as it is when autocast would undo the cast."""
     import torch
 
     if isinstance(x, torch.Tensor) and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16):
-        device = x.device.type
-        try:
-            undone = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == x.dtype
-        except (TypeError, RuntimeError):  # a torch or device without per-device autocast queries
-            undone = False
-        if undone:
+        on, autocast_dtype = autocast_state(x.device.type)
+        if on and autocast_dtype == x.dtype:
             return x
     return type(self)._cast_input_dtype(self, x, dtype)
 
@@ -55,7 +68,7 @@ def _kept_input(self, x, dtype):
 def layer_reason(module) -> Optional[str]:
     """Why this LoRA layer keeps PEFT's cast (None: it can take the edit). Reads the module only."""
     cls = type(module)
-    if (cls.__module__, cls.__name__) != _LORA_LINEAR:
+    if not is_plain_lora_linear(module):
         return f"{cls.__module__}.{cls.__name__} is not PEFT's plain LoRA Linear"
     if not callable(getattr(cls, "_cast_input_dtype", None)):
         return "this PEFT casts the input inline (no _cast_input_dtype)"

@@ -28,9 +28,9 @@ import threading
 from typing import Optional
 
 from . import source_ast
+from .lora_inputs import autocast_state, is_plain_lora_linear
 
 MARK = "_unsloth_mlp_last"  # set on a fused MLP whose layer uses its output only in additions
-_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")
 _state = threading.local()  # the backward's recomputation runs on autograd's device thread
 
 
@@ -86,8 +86,7 @@ def projection_of(module):
     ``(None, why not)``. Reads the module's current state (adapters enabled, merged, active)."""
     from .kernels.chunked_mlp import Projection
 
-    cls = type(module)
-    if (cls.__module__, cls.__name__) != _LORA_LINEAR:
+    if not is_plain_lora_linear(module):
         why = _plain_linear(module)
         return (None, why) if why else (Projection(module.weight), None)
     if module._forward_hooks or module._forward_pre_hooks:
@@ -116,14 +115,11 @@ def projection_of(module):
 
 
 def _compute_dtype(x, projections):
-    import torch
-
-    device = x.device.type
-    try:
-        if torch.is_autocast_enabled(device):
-            return torch.get_autocast_dtype(device)
-    except (TypeError, RuntimeError):
+    on, autocast_dtype = autocast_state(x.device.type)
+    if on is None:
         return None
+    if on:
+        return autocast_dtype
     dtypes = {t.dtype for p in projections for t in p[:3] if t is not None}
     return x.dtype if dtypes == {x.dtype} else None  # without autocast PEFT would mix dtypes: not fused
 

@@ -75,6 +75,11 @@ def _accumulate(store, key, a, b):
     acc.add_(a.mm(b))
 
 
+def _gate_up(xc, w, scalings):
+    """One chunk's gate and up projections."""
+    return _project(xc, w[0], w[1], w[2], scalings[0]), _project(xc, w[3], w[4], w[5], scalings[1])
+
+
 class _ChunkedGatedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, settings, *tensors):
@@ -91,8 +96,7 @@ class _ChunkedGatedMLP(torch.autograd.Function):
             w = [_cast(t, dtype) for t in tensors]
             for start in range(0, rows.shape[0], chunk):
                 xc = rows[start:start + chunk].to(dtype)
-                gate = _project(xc, w[0], w[1], w[2], scalings[0])
-                up = _project(xc, w[3], w[4], w[5], scalings[1])
+                gate, up = _gate_up(xc, w, scalings)
                 hidden = swiglu.gated_forward_plain(gate, up, gelu)
                 del gate, up
                 out[start:start + chunk] = _project(hidden, w[6], w[7], w[8], scalings[2])
@@ -113,8 +117,7 @@ class _ChunkedGatedMLP(torch.autograd.Function):
             for start in range(0, rows.shape[0], chunk):
                 xc = rows[start:start + chunk].to(dtype)
                 dy = dy_rows[start:start + chunk].to(dtype)
-                gate = _project(xc, w[0], w[1], w[2], scalings[0])
-                up = _project(xc, w[3], w[4], w[5], scalings[1])
+                gate, up = _gate_up(xc, w, scalings)
                 hidden = swiglu.gated_forward_plain(gate, up, gelu)
                 d_hidden = _input_grad(dy, hidden, w, wanted, grads, 6, scalings[2])
                 del hidden

@@ -110,3 +110,13 @@ def use_settings(monkeypatch):
         monkeypatch.setattr(settings_module, "_current", dataclasses.replace(settings_module.current(), **values))
 
     return set_
+
+
+@pytest.fixture
+def fusion_on_this_cpu(monkeypatch):
+    """Let the fused forwards be installed and entered on the CPU (a test injects their kernels)."""
+    from unsloth_patch import layers
+
+    monkeypatch.setattr(layers, "_triton_available", lambda: True)
+    monkeypatch.setattr(layers, "_model_reason", lambda model: None)
+    monkeypatch.setattr(layers, "_runs_here", lambda tensor: True)

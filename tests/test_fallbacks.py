@@ -19,7 +19,7 @@ from unsloth_patch.patches import checkpointing as wiring
 from unsloth_patch.patches import training_edits
 from unsloth_patch.tiny import build_model
 
-from .helpers import losses, plugin_log, sft_config, sft_trainer, text_dataset, use_settings  # noqa: F401
+from .helpers import fusion_on_this_cpu, losses, plugin_log, sft_config, sft_trainer, text_dataset, use_settings  # noqa: F401,E501
 
 # fp32 (several TRL versions default to bf16=True): the losses are compared with stock at 1e-4, which a
 # bf16 CPU autocast run on another attention path does not hold (seen on CPUs with AMX)
@@ -94,14 +94,6 @@ def _gated_reference(gate, up, kind):
     import torch.nn.functional as F
 
     return (F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh")) * up
-
-
-@pytest.fixture
-def fusion_on_this_cpu(monkeypatch):
-    """Let the fused forwards be installed and entered on the CPU (their kernels are injected)."""
-    monkeypatch.setattr(layers, "_triton_available", lambda: True)
-    monkeypatch.setattr(layers, "_model_reason", lambda model: None)
-    monkeypatch.setattr(layers, "_runs_here", lambda tensor: True)
 
 
 def test_fused_rmsnorm_failure_runs_the_modules_forward(tokenizer, dataset, tmp_path, caplog, stock_losses,

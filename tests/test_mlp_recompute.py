@@ -25,7 +25,7 @@ from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
 from unsloth_patch.settings import Settings  # noqa: E402
 from unsloth_patch.tiny import available_families, build_model  # noqa: E402
 
-from .helpers import losses, sft_config, sft_trainer, text_dataset, use_settings  # noqa: E402,F401
+from .helpers import fusion_on_this_cpu, losses, sft_config, sft_trainer, text_dataset, use_settings  # noqa: E402,F401
 
 unsloth_patch.apply()
 HIDDEN, INTERMEDIATE, RANK = 24, 40, 4
@@ -231,13 +231,10 @@ def dataset(tokenizer):
 
 
 @pytest.fixture
-def fused_on_this_cpu(monkeypatch, use_settings):
+def fused_on_this_cpu(monkeypatch, use_settings, fusion_on_this_cpu):
     """The trainer fuses the tiny model's layers on the CPU, with the kernels' PyTorch references."""
     from unsloth_patch.kernels import rmsnorm, swiglu
 
-    monkeypatch.setattr(layers, "_triton_available", lambda: True)
-    monkeypatch.setattr(layers, "_model_reason", lambda model: None)
-    monkeypatch.setattr(layers, "_runs_here", lambda tensor: True)
     monkeypatch.setattr(rmsnorm, "rms_norm", rmsnorm.rms_norm_reference)
     monkeypatch.setattr(swiglu, "gated_activation", _autograd_gated)
     monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 64)  # a batch of four 64-token rows: four chunks

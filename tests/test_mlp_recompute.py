@@ -373,7 +373,7 @@ def test_offloaded_inputs_fetch_the_nearest_unused_ones_ahead():
 
     records, previous = [], None
     for i in range(6):  # the order the forward saves them in
-        record = offload._Offloaded("cuda:0", None, None, False, previous, [None, None])
+        record = offload._Offloaded("cuda:0", None, None, previous, [None, None])
         records.append(record)
         previous = weakref.ref(record)
     last = records[-1]

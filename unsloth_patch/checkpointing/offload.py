@@ -30,11 +30,10 @@ class _Offloaded:
     ``previous`` (weak) is the input saved before it, which the backward needs next: unpacking this one starts
     fetching that one on the copy stream, so its copy runs while this layer is recomputed."""
 
-    __slots__ = ("device", "host", "stored", "fetched", "ready", "used", "requires_grad", "previous", "state",
-                 "__weakref__")
+    __slots__ = ("device", "host", "stored", "fetched", "ready", "used", "previous", "state", "__weakref__")
 
-    def __init__(self, device, host, stored, requires_grad, previous, state):
-        self.device, self.host, self.stored, self.requires_grad = device, host, stored, requires_grad
+    def __init__(self, device, host, stored, previous, state):
+        self.device, self.host, self.stored = device, host, stored
         self.state = state  # [pinned buffer, event after the last copy that read it]: the pool's
         self.fetched = self.ready = None
         self.used = False  # unpacked once: the backward does not need it again (a retained graph copies it anew)
@@ -132,7 +131,7 @@ def pack(tensor):
         stored = torch.cuda.Event()
         stored.record(stream)
     tensor.record_stream(stream)  # the device memory is reused only after the copy has read it
-    record = _Offloaded(device, host, stored, tensor.requires_grad, _latest.get(device), state)
+    record = _Offloaded(device, host, stored, _latest.get(device), state)
     weakref.finalize(record, _pool.give, state)  # autograd freed the saved input: its buffer serves again
     _latest[device] = weakref.ref(record)
     return record

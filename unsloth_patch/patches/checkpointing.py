@@ -251,13 +251,14 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     if policy.selective_available() and not kwargs.get("use_reentrant"):
         candidates.append("selective")
     rejected: dict = {}
-    chunked, why = mlp_recompute.available(model)
     if not settings.kernel_on("mlp_recompute"):
         rejected["mlp_recompute"] = "turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_recompute"
-    elif chunked:
-        candidates.append("mlp_recompute")
     else:
-        rejected["mlp_recompute"] = f"not available: {why}"
+        chunked, why = mlp_recompute.available(model)
+        if chunked:
+            candidates.append("mlp_recompute")
+        else:
+            rejected["mlp_recompute"] = f"not available: {why}"
     candidates += ["offload", "full"]
     extra = extra_bytes(trainer)
     # a candidate fits when its step plus the optimizer state stays under the budget; on a CPU the budget

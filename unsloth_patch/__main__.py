@@ -80,6 +80,15 @@ def _here() -> list[str]:
     if lora["reason"] != "not run yet" and (lora["edited"] or lora["kept"]):
         kept = f"; {len(lora['kept'])} keep PEFT's cast" if lora["kept"] else ""
         lines.append(f"last train(): LoRA inputs in the compute dtype: {lora['edited']} layers ({lora['reason']}{kept})")
+    from .lora_fusion import last as last_lora_fusion
+
+    fusion = last_lora_fusion()
+    if fusion["reason"] != "not run yet" and (fusion["fused"] or fusion["kept"]):
+        kept = f"; {len(fusion['kept'])} left to PEFT" if fusion["kept"] else ""
+        lines.append(f"last train(): LoRA layers fused: {fusion['fused']}, {fusion['grouped']} of them in sibling "
+                     f"groups ({fusion['reason']}{kept})")
+        for name, why in list(fusion["kept"].items())[:3]:
+            lines.append(f"  left to PEFT: {name}: {why}")
     from .startup import last
 
     started = last()

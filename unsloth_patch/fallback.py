@@ -4,7 +4,8 @@ Every component that runs inside the training step (the collator, the attention,
 layers, the checkpoint functions, each kernel) asks :func:`enabled` before it runs its own
 path and calls :func:`failed` when that path raised. From then on the component takes the
 stock path for the rest of the process, and the user sees one warning naming what failed.
-Out-of-memory errors are not ours to hide: callers let them propagate.
+Out-of-memory errors are not ours to hide, nor is the checkpoint's signal that stops a recomputation:
+callers let them propagate (:func:`propagates`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
         import torch
 
         return isinstance(exc, torch.cuda.OutOfMemoryError)
+    except Exception:  # pragma: no cover
+        return False
+
+
+def propagates(exc: BaseException) -> bool:
+    """Errors a fallback must let through: out of memory, and the signal with which PyTorch's non-reentrant
+    checkpoint stops a recomputation once it has what the backward needs (raised from inside any op that saves)."""
+    if is_out_of_memory(exc):
+        return True
+    try:
+        from torch.utils import checkpoint
+
+        stop = getattr(checkpoint, "_StopRecomputationError", None)
+        return stop is not None and isinstance(exc, stop)
     except Exception:  # pragma: no cover
         return False
 

@@ -75,7 +75,7 @@ def _rmsnorm_forward(self, hidden_states):
 
         return rms_norm(hidden_states, self.weight, self._unsloth_eps, self._unsloth_offset)
     except Exception as exc:
-        if fallback.is_out_of_memory(exc):
+        if fallback.propagates(exc):
             raise
         fallback.failed(RMSNORM, exc, "the module's own forward")
         return type(self).forward(self, hidden_states)
@@ -94,7 +94,7 @@ def _gated_mlp_forward(self, x):
 
         hidden = gated_activation(gate, up, self._unsloth_activation)
     except Exception as exc:
-        if fallback.is_out_of_memory(exc):
+        if fallback.propagates(exc):
             raise
         fallback.failed(GATED_MLP, exc, "the module's own act_fn(gate) * up")
         hidden = self.act_fn(gate) * up

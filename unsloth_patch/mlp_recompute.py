@@ -27,8 +27,7 @@ import functools
 import threading
 from typing import Optional
 
-from . import source_ast
-from .lora_inputs import autocast_state, is_plain_lora_linear
+from . import lora_fusion, source_ast
 
 MARK = "_unsloth_mlp_last"  # set on a fused MLP whose layer uses its output only in additions
 _state = threading.local()  # the backward's recomputation runs on autograd's device thread
@@ -69,59 +68,15 @@ def mlp_is_last(cls) -> bool:
     return not any(isinstance(n, ast.Call) for statement in body[at[0] + 1:] for n in ast.walk(statement))
 
 
-def _plain_linear(module) -> Optional[str]:
-    import torch
-
-    if type(module) is not torch.nn.Linear:
-        return f"{type(module).__name__} is not a plain nn.Linear"
-    if module.bias is not None:
-        return "has a bias"
-    if module._forward_hooks or module._forward_pre_hooks:
-        return "has forward hooks"
-    return None
-
-
 def projection_of(module):
     """``(Projection, None)`` for a projection the chunked MLP computes exactly as the module does, else
     ``(None, why not)``. Reads the module's current state (adapters enabled, merged, active)."""
-    from .kernels.chunked_mlp import Projection
-
-    if not is_plain_lora_linear(module):
-        why = _plain_linear(module)
-        return (None, why) if why else (Projection(module.weight), None)
-    if module._forward_hooks or module._forward_pre_hooks:
-        return None, "the LoRA layer has forward hooks"
-    why = _plain_linear(module.base_layer)
+    part, dropout, why = lora_fusion.read(module, bias=False)
     if why:
-        return None, f"its base layer {why}"
-    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
-        return None, "adapters disabled or merged"
-    active = [name for name in module.active_adapters if name in module.lora_A.keys()]
-    if len(active) != 1:
-        return None, f"{len(active)} active adapters (one is fused)"
-    name = active[0]
-    if name in (getattr(module, "lora_variant", None) or {}) or (getattr(module, "use_dora", None) or {}).get(name):
-        return None, "a LoRA variant (e.g. DoRA): left to PEFT"
-    import torch
-
-    if not isinstance(module.lora_dropout[name], torch.nn.Identity):
+        return None, why
+    if dropout is not None:
         return None, "lora_dropout > 0"
-    a, b = module.lora_A[name], module.lora_B[name]
-    for part, layer in (("lora_A", a), ("lora_B", b)):
-        why = _plain_linear(layer)
-        if why:
-            return None, f"its {part} {why}"
-    return Projection(module.base_layer.weight, a.weight, b.weight, float(module.scaling[name])), None
-
-
-def _compute_dtype(x, projections):
-    on, autocast_dtype = autocast_state(x.device.type)
-    if on is None:
-        return None
-    if on:
-        return autocast_dtype
-    dtypes = {t.dtype for p in projections for t in p[:3] if t is not None}
-    return x.dtype if dtypes == {x.dtype} else None  # without autocast PEFT would mix dtypes: not fused
+    return part, None
 
 
 def forward(mlp, x):
@@ -132,7 +87,7 @@ def forward(mlp, x):
     projections = [projection_of(getattr(mlp, name))[0] for name in ("gate_proj", "up_proj", "down_proj")]
     if any(p is None for p in projections):
         return None
-    dtype = _compute_dtype(x, projections)
+    dtype = lora_fusion.compute_dtype(x, projections)
     if dtype is None:
         return None
     from .kernels import chunked_mlp

@@ -91,7 +91,7 @@ def _fused_or_none(q, k, cos, sin, unsqueeze_dim):
     try:
         q_out, k_out = _kernel(q, k, cos, sin)
     except Exception as exc:
-        if fallback.is_out_of_memory(exc):
+        if fallback.propagates(exc):
             raise
         fallback.failed(ROPE, exc, "transformers' own apply_rotary_pos_emb")
         return None

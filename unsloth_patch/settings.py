@@ -69,14 +69,16 @@ def triton_interpreting(environ=None) -> bool:
 
 
 # what UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel (lora_cast: LoRA
-# layers keeping their input in the compute dtype under autocast, ``lora_inputs``)
-KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute")
+# layers keeping their input in the compute dtype under autocast, ``lora_inputs``; lora: LoRA layers as
+# one autograd node, ``lora_fusion``)
+KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute", "lora")
 
 
 def _kernel_names(name: str, raw: str) -> tuple:
     """A comma-separated list of kernel names (any case, spaces allowed), kept in KERNEL_NAMES order."""
     accepted = ("a comma-separated list of " + ", ".join(KERNEL_NAMES)
-                + " (swiglu: the gated MLP, SwiGLU and GeGLU; lora_cast: PEFT's float32 copies of LoRA inputs kept)")
+                + " (swiglu: the gated MLP, SwiGLU and GeGLU; lora_cast: PEFT's float32 copies of LoRA inputs kept; "
+                + "lora: PEFT's own LoRA layer forwards)")
     items = [item.strip().lower() for item in raw.split(",")]
     unknown = [item for item in items if item not in KERNEL_NAMES]
     if unknown or not items:
@@ -124,7 +126,7 @@ TOGGLES: tuple[Toggle, ...] = (
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
     Toggle("KERNELS_OFF", (), _kernel_names,
            "Fused layer kernels to leave out while KERNELS=auto: any of rmsnorm, swiglu, rope, lora_cast, "
-           "comma-separated."),
+           "mlp_recompute, lora, comma-separated."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
     Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),

@@ -140,7 +140,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, *args, *
         out = run_varlen(q, k, v, cu, max_len, scale=scale, window=kwargs.get("sliding_window") or None,
                          softcap=kwargs.get("softcap"), dropout=dropout if training else 0.0, training=training)
     except Exception as exc:
-        if fallback.is_out_of_memory(exc):
+        if fallback.propagates(exc):
             raise
         fallback.failed(COMPONENT, exc, "the model's own attention, one sequence at a time,")
         return per_sequence_original(module, query, key, value, cu, args, kwargs)

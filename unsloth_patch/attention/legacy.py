@@ -109,7 +109,7 @@ def varlen_flash_attention_forward(query_states, key_states, value_states, atten
         out = run_varlen(q, k, v, cu, longest, scale=scale, window=window, softcap=softcap, dropout=dropout,
                          training=dropout > 0)
     except Exception as exc:
-        if fallback.is_out_of_memory(exc):
+        if fallback.propagates(exc):
             raise
         if not isinstance(exc, _Disabled):
             fallback.failed(COMPONENT, exc, "exact attention with plain torch operations")

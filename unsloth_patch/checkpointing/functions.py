@@ -70,7 +70,7 @@ def _guarded(component: str, run, function, args, kwargs):
         try:
             return run()
         except Exception as exc:
-            if fallback.is_out_of_memory(exc):
+            if fallback.propagates(exc):
                 raise
             fallback.failed(component, exc, "plain gradient checkpointing")
     return checkpoint(function, *args, use_reentrant=False, **kwargs)

@@ -17,7 +17,7 @@ def run(name: str, fast, reference, *args):
         try:
             return fast(*args)
         except Exception as exc:
-            if fallback.is_out_of_memory(exc):
+            if fallback.propagates(exc):
                 raise
             fallback.failed(name, exc, "the same maths in plain PyTorch")
     return reference(*args)

@@ -22,25 +22,17 @@ saving operation (``mlp_recompute`` decides that; the backward uses the original
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import swiglu
+from .projection import Projection
 
 __all__ = ["Projection", "chunked_gated_mlp", "CHUNK_TOKENS"]
 
 CHUNK_TOKENS = 2048  # one chunk's intermediate tensors: 4 x 2048 x intermediate x 2 bytes (128 MiB at 8192)
-
-
-class Projection(NamedTuple):
-    """One linear projection: ``x @ weight.T`` plus ``(x @ lora_a.T) @ lora_b.T * scaling`` when adapted."""
-
-    weight: torch.Tensor  # [out, in]
-    lora_a: Optional[torch.Tensor] = None  # [rank, in]
-    lora_b: Optional[torch.Tensor] = None  # [out, rank]
-    scaling: float = 1.0
 
 
 def _cast(t, dtype):
@@ -158,6 +150,8 @@ def chunked_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: P
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     for name, p in (("gate", gate), ("up", up), ("down", down)):
+        if p.bias is not None:
+            raise ValueError(f"{name}: the chunked MLP takes bias-free projections (a bias was given)")
         if (p.lora_a is None) != (p.lora_b is None):
             raise ValueError(f"{name}: lora_a and lora_b come together (one given without the other)")
     tensors = (*gate[:3], *up[:3], *down[:3])

@@ -134,7 +134,7 @@ def active(trainer):
         apply_model_edits(trainer, plan, current(), edits)
     except Exception as exc:
         edits.rollback()
-        if fallback.is_out_of_memory(exc):
+        if fallback.propagates(exc):
             raise
         fallback.failed(COMPONENT, exc, "the model as given and padded batches")  # the collator reads this
         yield
@@ -155,6 +155,7 @@ def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
     with startup.phase("fused layers"):
         fuse_model_layers(model, settings, edits)
         _keep_lora_inputs(model, settings, edits)
+        _fuse_lora(model, settings, edits)
     if not (plan.padding_free or plan.boundaries_only or plan.packer):
         return
     if getattr(model.config, "use_cache", False):
@@ -192,6 +193,22 @@ def _keep_lora_inputs(model, settings, edits: Edits) -> None:
             log.logger.info("LoRA inputs: %d layers keep the compute dtype under autocast (%d keep PEFT's cast)",
                             outcome["edited"], len(outcome["kept"]))
     lora_inputs.remember(outcome)
+
+
+def _fuse_lora(model, settings, edits: Edits) -> None:
+    """LoRA layers as one autograd node each, sibling projections of one input as one (``lora_fusion``)."""
+    from .. import lora_fusion
+
+    if settings.kernels == "off":
+        outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS=off"}
+    elif "lora" in settings.kernels_off:
+        outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS_OFF=lora"}
+    else:
+        outcome = lora_fusion.fuse(model, edits)
+        if outcome["fused"]:
+            log.logger.info("LoRA layers: %d fused (%d in sibling groups sharing one input; %d left to PEFT)",
+                            outcome["fused"], outcome["grouped"], len(outcome["kept"]))
+    lora_fusion.remember(outcome)
 
 
 def set_attention(model, name: str, edits: Edits) -> None:

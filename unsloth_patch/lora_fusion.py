@@ -1,0 +1,246 @@
+"""PEFT LoRA layers run as one autograd node each, and sibling projections of one input as one node.
+
+While ``train()`` runs, each of PEFT's plain LoRA ``Linear`` layers that qualifies gets an instance
+``forward`` that computes what PEFT's would (base output plus ``lora_B(lora_A(dropout(x))) * scaling``,
+in the autocast dtype) through ``kernels/lora_linear.projections``: one node and four or five
+kernels instead of seven of each, and no float32 copy of the input.
+
+Siblings that their parent's forward calls with the same argument (``self.q_proj(hidden_states)``,
+``self.k_proj(hidden_states)``, ``self.v_proj(hidden_states)`` in Llama-style attention;
+``gate_proj(x)``, ``up_proj(x)`` in a gated MLP, found on the class forward's source) form a group:
+the first member called computes every member's output in one node (the adapters' down projections
+in one matmul that reads the input once) and leaves the others' outputs for their own calls,
+which take them only when called with the very same tensor. Anything else (another input, a
+member no longer eligible, a replica made by ``nn.DataParallel``) computes that member alone.
+
+A layer qualifies when its base layer is a plain ``nn.Linear`` (bias allowed), exactly one vanilla
+adapter is active (not DoRA or another variant, not merged, adapters enabled), its dropout is
+``nn.Identity`` or ``nn.Dropout`` (a dropout > 0 layer is fused alone, with PEFT's own mask) and
+no hooks sit on it or its parts. Each call re-checks what can change during training (adapter
+state, scaling, dropout, hooks) and hands anything else, extra arguments and ``torch.compile``
+tracing included, to PEFT's forward. ``UNSLOTH_PATCH_KERNELS_OFF=lora`` turns this off.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import types
+from typing import Optional
+
+from . import fallback, source_ast
+from .lora_inputs import autocast_state, is_plain_lora_linear
+
+FUSED_LORA = "fused LoRA projections"
+GROUP = "_unsloth_lora_group"
+_last: dict = {"fused": 0, "grouped": 0, "kept": {}, "reason": "not run yet"}
+
+
+def last() -> dict:
+    """What the most recent ``train()`` did: ``fused`` layers, of them ``grouped`` with siblings, ``kept``: name -> why."""
+    return {"fused": _last["fused"], "grouped": _last["grouped"], "kept": dict(_last["kept"]), "reason": _last["reason"]}
+
+
+def remember(outcome: dict) -> None:
+    global _last
+    _last = {"fused": outcome.get("fused", 0), "grouped": outcome.get("grouped", 0),
+             "kept": dict(outcome.get("kept", {})), "reason": outcome["reason"]}
+
+
+# ----------------------------------------------------------------------------- reading a layer
+
+
+def plain_linear_reason(module, bias: bool) -> Optional[str]:
+    """Why ``module`` is not a plain ``nn.Linear`` (with a bias only if ``bias``) without hooks; None if it is."""
+    import torch
+
+    if type(module) is not torch.nn.Linear:
+        return f"{type(module).__name__} is not a plain nn.Linear"
+    if module.bias is not None and not bias:
+        return "has a bias"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks"
+    return None
+
+
+def read(module, bias: bool = True):
+    """``(Projection, dropout, None)`` for what ``module`` computes now (dropout: an ``nn.Dropout`` the adapter's
+    input goes through, or None), else ``(None, None, why not)``. Plain ``nn.Linear`` or PEFT's plain LoRA
+    ``Linear``; reads the module's current state (adapters enabled, merged, active, scaling, hooks)."""
+    import torch
+
+    from .kernels.projection import Projection
+
+    if not is_plain_lora_linear(module):
+        why = plain_linear_reason(module, bias)
+        return (None, None, why) if why else (Projection(module.weight, bias=module.bias), None, None)
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None, None, "the LoRA layer has forward hooks"
+    base = module.base_layer
+    why = plain_linear_reason(base, bias)
+    if why:
+        return None, None, f"its base layer {why}"
+    if getattr(module, "_disable_adapters", True) or getattr(module, "merged_adapters", True):
+        return None, None, "adapters disabled or merged"
+    active = getattr(module, "_active_adapter", None)
+    if active is None:
+        return None, None, "this PEFT keeps no _active_adapter"
+    active = [active] if isinstance(active, str) else list(active)
+    active = [name for name in active if name in module.lora_A]
+    if len(active) != 1:
+        return None, None, f"{len(active)} active adapters (one is fused)"
+    name = active[0]
+    if name in (getattr(module, "lora_variant", None) or {}) or (getattr(module, "use_dora", None) or {}).get(name):
+        return None, None, "a LoRA variant (e.g. DoRA): left to PEFT"
+    dropout = module.lora_dropout[name]
+    if type(dropout) is torch.nn.Identity:
+        dropout = None
+    elif type(dropout) is not torch.nn.Dropout or dropout._forward_hooks or dropout._forward_pre_hooks:
+        return None, None, f"its dropout is {type(dropout).__name__} (nn.Identity or nn.Dropout are fused)"
+    elif not callable(getattr(type(module), "_cast_input_dtype", None)):
+        return None, None, "lora_dropout > 0 on a PEFT without _cast_input_dtype (its input cast is not known)"
+    a, b = module.lora_A[name], module.lora_B[name]
+    for part, layer in (("lora_A", a), ("lora_B", b)):
+        why = plain_linear_reason(layer, bias=False)
+        if why:
+            return None, None, f"its {part} {why}"
+    return Projection(base.weight, a.weight, b.weight, float(module.scaling[name]), base.bias), dropout, None
+
+
+def compute_dtype(x, parts):
+    """The dtype PEFT's layers compute ``parts`` in for input ``x``: autocast's, or the one dtype of ``x`` and every
+    tensor; None when this torch cannot say or, without autocast, the dtypes are mixed (PEFT would mix them)."""
+    on, autocast_dtype = autocast_state(x.device.type)
+    if on is None:
+        return None
+    if on:
+        return autocast_dtype
+    dtypes = {t.dtype for p in parts for t in (p.weight, p.lora_a, p.lora_b, p.bias) if t is not None}
+    return x.dtype if dtypes == {x.dtype} else None
+
+
+# ----------------------------------------------------------------------------- the fused forward
+
+
+class _Group:
+    """Sibling layers called with one input; ``pending``: (input, its version, {member: output}) left by the
+    member that ran, for the others' calls with that same, unmodified input."""
+
+    __slots__ = ("members", "pending")
+
+    def __init__(self, members):
+        self.members = tuple(members)
+        self.pending = None
+
+
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    group = self.__dict__.get(GROUP)
+    if group is not None:
+        pending = group.pending
+        if pending is not None and pending[0] is x and pending[1] == x._version:
+            out = pending[2].pop(self, None)
+            if not pending[2]:
+                group.pending = None
+            if out is not None:
+                return out
+    if args or kwargs or not fallback.enabled(FUSED_LORA) or _compiling():
+        return type(self).forward(self, x, *args, **kwargs)
+    part, dropout, why = read(self)
+    dtype = None if why else compute_dtype(x, (part,))
+    if dtype is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    try:
+        from .kernels.lora_linear import projections
+
+        if dropout is not None:
+            return projections(x, (part,), dtype, lora_input=dropout(self._cast_input_dtype(x, part.lora_a.dtype)))[0]
+        if group is None or not any(member is self for member in group.members):
+            return projections(x, (part,), dtype)[0]
+        return _run_group(self, group, x, part, dtype)
+    except Exception as exc:
+        if fallback.propagates(exc):
+            raise
+        fallback.failed(FUSED_LORA, exc, "PEFT's own LoRA forward")
+        return type(self).forward(self, x, *args, **kwargs)
+
+
+def _run_group(self, group, x, part, dtype):
+    from .kernels.lora_linear import projections
+
+    members, parts = [self], [part]
+    for member in group.members:
+        if member is self:
+            continue
+        other, dropout, why = read(member)
+        if why is None and dropout is None:
+            members.append(member)
+            parts.append(other)
+    if len(members) == 1 or compute_dtype(x, parts) != dtype:
+        return projections(x, (part,), dtype)[0]
+    outputs = projections(x, parts, dtype)
+    group.pending = (x, x._version, dict(zip(members[1:], outputs[1:])))
+    return outputs[0]
+
+
+def is_fused(module) -> bool:
+    return getattr(vars(module).get("forward"), "__func__", None) is _fused_forward
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+@functools.lru_cache(maxsize=128)
+def _sibling_calls(cls) -> tuple:
+    """Groups of child names that ``cls.forward`` calls as ``self.<child>(<same single argument>)``."""
+    function = source_ast.definition(cls.forward)
+    if function is None:
+        return ()
+    by_argument: dict = {}
+    for node in ast.walk(function):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
+                and len(node.args) == 1 and not node.keywords and not isinstance(node.args[0], ast.Starred)):
+            names = by_argument.setdefault(ast.unparse(node.args[0]), [])
+            if node.func.attr not in names:
+                names.append(node.func.attr)
+    return tuple(tuple(names) for names in by_argument.values() if len(names) > 1)
+
+
+def _is_lora_layer(module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
+
+
+def fuse(model, edits) -> dict:
+    """Give every eligible LoRA layer of ``model`` the fused forward and group siblings, through ``edits``;
+    ``{"fused": n, "grouped": m, "kept": {name: why}, "reason": ...}``."""
+    fused, kept = {}, {}
+    for name, module in model.named_modules():
+        if not _is_lora_layer(module):
+            continue
+        if is_fused(module):
+            fused[id(module)] = module
+            continue
+        part, _, why = read(module) if is_plain_lora_linear(module) else (None, None, "")
+        if part is None:
+            kept[name] = why or f"{type(module).__module__}.{type(module).__name__} is not PEFT's plain LoRA Linear"
+            continue
+        edits.setattr(module, "forward", types.MethodType(_fused_forward, module))
+        fused[id(module)] = module
+    grouped = 0
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in _sibling_calls(type(parent)):
+            members = [children[n] for n in names if id(children.get(n)) in fused]
+            if len(members) > 1 and GROUP not in vars(members[0]):
+                group = _Group(members)
+                for member in members:
+                    edits.setattr(member, GROUP, group)
+                grouped += len(members)
+    reason = "fused" if fused else ("no eligible LoRA layer" if kept else "no LoRA layer")
+    return {"fused": len(fused), "grouped": grouped, "kept": kept, "reason": reason}

@@ -313,7 +313,7 @@ def _train(tokenizer, dataset, tmp_path, family, use_settings, dropout=0.0, **se
     return trainer, losses(trainer), lora_fusion.last()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biased q/k/v; on every transformers
 def test_sft_trainer_lora_losses_equal_peft_and_the_adapter_saves_reloads_and_merges(
         family, tokenizer, tmp_path, use_settings):
     from unsloth_patch.tiny import chat_dataset
@@ -321,6 +321,9 @@ def test_sft_trainer_lora_losses_equal_peft_and_the_adapter_saves_reloads_and_me
     dataset = chat_dataset(tokenizer, limit=24, format="text")
     trainer, fused, outcome = _train(tokenizer, dataset, tmp_path / "a", family, use_settings)
     assert outcome["fused"] == 14 and outcome["grouped"] == 10, outcome
+    from unsloth_patch.__main__ import _here
+
+    assert any("LoRA layers fused: 14, 10 of them in sibling groups (fused)" in line for line in _here()), _here()
     _, stock, off = _train(tokenizer, dataset, tmp_path / "b", family, use_settings, kernels_off=("lora",))
     assert off["fused"] == 0 and "KERNELS_OFF=lora" in off["reason"]
     assert len(fused) == len(stock) == 6
@@ -367,3 +370,74 @@ def test_under_torch_compile_peft_forward_is_traced_and_losses_match():
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             torch.testing.assert_close(parameter.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 4-bit bases (QLoRA)
+
+
+def _qlora_model(compute_dtype=torch.bfloat16, dtype=torch.bfloat16):
+    bnb = pytest.importorskip("bitsandbytes")
+    base = build_model("llama", hidden_size=64, intermediate_size=160, num_layers=2, seed=0).to(dtype)
+
+    def quantize(module):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and name != "lm_head":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True)
+                setattr(module, name, layer.to(child.weight.device))
+            else:
+                quantize(child)
+
+    quantize(base)
+    base.is_loaded_in_4bit = True  # as transformers marks a model it loaded in 4 bits: PEFT's 4-bit LoRA layers
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def test_a_4bit_base_dequantises_bit_for_bit_as_bitsandbytes_and_trains_as_peft(monkeypatch):
+    model = _qlora_model()  # skips without bitsandbytes
+    from bitsandbytes.functional import dequantize_4bit
+
+    ids = _ids(model)
+    loss, grads = _step(model, ids, autocast=True)
+    outcome = lora_fusion.fuse(model, Edits())
+    assert outcome == {"fused": 14, "grouped": 10, "kept": {}, "reason": "fused"}
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    part, _, _ = lora_fusion.read(q)
+    assert part.quant_state is q.base_layer.weight.quant_state and part.in_features == 64
+    assert torch.equal(lora_linear._dense(part.weight, part.quant_state, torch.bfloat16),
+                       dequantize_4bit(q.base_layer.weight, q.base_layer.weight.quant_state).to(torch.bfloat16))
+    calls = _counting(monkeypatch)
+    fused_loss, fused_grads = _step(model, ids, autocast=True)
+    assert sorted(calls) == [1, 1, 1, 1, 2, 2, 3, 3]
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-2, atol=0)  # bf16: PEFT rounds its sums differently
+    for name in grads:
+        assert (fused_grads[name] - grads[name]).norm() <= 0.05 * grads[name].norm() + 1e-6, name
+    with pytest.raises(ValueError, match="4-bit base weight cannot be trained"):
+        projections(torch.randn(2, 64), [part._replace(weight=part.weight.float().requires_grad_())])
+
+
+def test_a_4bit_base_in_fp32_gives_peft_losses_and_gradients():
+    model = _qlora_model(compute_dtype=torch.float32, dtype=torch.float32)
+    ids = _ids(model)
+    loss, grads = _step(model, ids)
+    assert lora_fusion.fuse(model, Edits())["fused"] == 14
+    fused_loss, fused_grads = _step(model, ids)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_4bit_base_computing_in_another_dtype_is_left_to_peft():
+    model = _qlora_model(compute_dtype=torch.float16)
+    outcome = lora_fusion.fuse(model, Edits())
+    assert outcome["fused"] == 0 and len(outcome["kept"]) == 14
+    assert all("computes in torch.float16" in why for why in outcome["kept"].values())

@@ -31,6 +31,8 @@ from typing import Optional
 from . import fallback, source_ast
 from .lora_inputs import autocast_state, is_plain_lora_linear
 
+_LORA_4BIT = ("peft.tuners.lora.bnb", "Linear4bit")  # PEFT's LoRA layer on a bitsandbytes 4-bit base
+
 FUSED_LORA = "fused LoRA projections"
 GROUP = "_unsloth_lora_group"
 _last: dict = {"fused": 0, "grouped": 0, "kept": {}, "reason": "not run yet"}
@@ -63,6 +65,30 @@ def plain_linear_reason(module, bias: bool) -> Optional[str]:
     return None
 
 
+def is_lora_4bit(module) -> bool:
+    cls = type(module)
+    return (cls.__module__, cls.__name__) == _LORA_4BIT
+
+
+def _four_bit_base(base, bias: bool):
+    """``(Projection of the packed weight, None)`` for a bitsandbytes ``Linear4bit`` base, else ``(None, why)``."""
+    from .kernels.projection import Projection
+
+    if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes."):
+        return None, f"{type(base).__name__} is not bitsandbytes' Linear4bit"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return None, "has forward hooks"
+    if base.bias is not None and not bias:
+        return None, "has a bias"
+    state = getattr(base.weight, "quant_state", None)
+    if state is None or getattr(state, "shape", None) is None or getattr(state, "dtype", None) is None:
+        return None, "its 4-bit weight has no quantisation state yet (not on its device)"
+    compute = getattr(base, "compute_dtype", None)
+    if compute is not None and compute != state.dtype:
+        return None, f"computes in {compute}, its weight dequantises to {state.dtype} (fused when they agree)"
+    return Projection(base.weight, bias=base.bias, quant_state=state), None
+
+
 def read(module, bias: bool = True):
     """``(Projection, dropout, None)`` for what ``module`` computes now (dropout: an ``nn.Dropout`` the adapter's
     input goes through, or None), else ``(None, None, why not)``. Plain ``nn.Linear`` or PEFT's plain LoRA
@@ -71,13 +97,18 @@ def read(module, bias: bool = True):
 
     from .kernels.projection import Projection
 
-    if not is_plain_lora_linear(module):
+    four_bit = is_lora_4bit(module)
+    if not (four_bit or is_plain_lora_linear(module)):
         why = plain_linear_reason(module, bias)
         return (None, None, why) if why else (Projection(module.weight, bias=module.bias), None, None)
     if module._forward_hooks or module._forward_pre_hooks:
         return None, None, "the LoRA layer has forward hooks"
     base = module.base_layer
-    why = plain_linear_reason(base, bias)
+    if four_bit:
+        base_part, why = _four_bit_base(base, bias)
+    else:
+        why = plain_linear_reason(base, bias)
+        base_part = None if why else Projection(base.weight, bias=base.bias)
     if why:
         return None, None, f"its base layer {why}"
     if getattr(module, "_disable_adapters", True) or getattr(module, "merged_adapters", True):
@@ -104,7 +135,7 @@ def read(module, bias: bool = True):
         why = plain_linear_reason(layer, bias=False)
         if why:
             return None, None, f"its {part} {why}"
-    return Projection(base.weight, a.weight, b.weight, float(module.scaling[name]), base.bias), dropout, None
+    return base_part._replace(lora_a=a.weight, lora_b=b.weight, scaling=float(module.scaling[name])), dropout, None
 
 
 def compute_dtype(x, parts):
@@ -115,7 +146,8 @@ def compute_dtype(x, parts):
         return None
     if on:
         return autocast_dtype
-    dtypes = {t.dtype for p in parts for t in (p.weight, p.lora_a, p.lora_b, p.bias) if t is not None}
+    dtypes = {t.dtype for p in parts for t in (p.lora_a, p.lora_b, p.bias) if t is not None}
+    dtypes.update(p.weight_dtype for p in parts)
     return x.dtype if dtypes == {x.dtype} else None
 
 
@@ -140,6 +172,10 @@ def _compiling() -> bool:
 
 
 def _fused_forward(self, x, *args, **kwargs):
+    import torch
+
+    if args or kwargs or type(x) is not torch.Tensor:  # adapter_names (mixed batches), subclasses: PEFT's
+        return type(self).forward(self, x, *args, **kwargs)
     group = self.__dict__.get(GROUP)
     if group is not None:
         pending = group.pending
@@ -149,12 +185,12 @@ def _fused_forward(self, x, *args, **kwargs):
                 group.pending = None
             if out is not None:
                 return out
-    if args or kwargs or not fallback.enabled(FUSED_LORA) or _compiling():
-        return type(self).forward(self, x, *args, **kwargs)
+    if not fallback.enabled(FUSED_LORA) or _compiling():
+        return type(self).forward(self, x)
     part, dropout, why = read(self)
     dtype = None if why else compute_dtype(x, (part,))
     if dtype is None:
-        return type(self).forward(self, x, *args, **kwargs)
+        return type(self).forward(self, x)
     try:
         from .kernels.lora_linear import projections
 
@@ -167,7 +203,7 @@ def _fused_forward(self, x, *args, **kwargs):
         if fallback.propagates(exc):
             raise
         fallback.failed(FUSED_LORA, exc, "PEFT's own LoRA forward")
-        return type(self).forward(self, x, *args, **kwargs)
+        return type(self).forward(self, x)
 
 
 def _run_group(self, group, x, part, dtype):
@@ -226,9 +262,10 @@ def fuse(model, edits) -> dict:
         if is_fused(module):
             fused[id(module)] = module
             continue
-        part, _, why = read(module) if is_plain_lora_linear(module) else (None, None, "")
+        part, _, why = read(module) if is_plain_lora_linear(module) or is_lora_4bit(module) else (None, None, "")
         if part is None:
-            kept[name] = why or f"{type(module).__module__}.{type(module).__name__} is not PEFT's plain LoRA Linear"
+            kept[name] = why or (f"{type(module).__module__}.{type(module).__name__} is not PEFT's plain or 4-bit "
+                                 "LoRA Linear")
             continue
         edits.setattr(module, "forward", types.MethodType(_fused_forward, module))
         fused[id(module)] = module

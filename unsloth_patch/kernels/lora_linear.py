@@ -15,7 +15,9 @@ one or more projections of the same input ``x`` in one node:
   ``x``'s gradient inside the matmuls (``addmm``) and computes the adapters' gradients in low-rank
   order (the dense merged weight is never formed);
 * gradients go to whatever requires them (adapters, and base weights or biases when trained),
-  in each parameter's dtype, as autograd's casts would give them.
+  in each parameter's dtype, as autograd's casts would give them;
+* a bitsandbytes 4-bit base weight (QLoRA) is dequantised by bitsandbytes, as its own layer does,
+  in the forward and again in the backward: only the packed weight is kept between them.
 
 Everything runs in ``dtype`` (the autocast dtype, or the inputs' own), as PEFT's layers do under
 autocast; ``x``'s gradient comes back in ``x``'s dtype. ``lora_input`` (one projection only) is the
@@ -34,13 +36,18 @@ from .projection import Projection
 __all__ = ["Projection", "projections"]
 
 
-def _cast(t, dtype):
-    return None if t is None or t.dtype == dtype else t.to(dtype)
+def _dense(weight, quant_state, dtype):
+    """The base weight in ``dtype``: a 4-bit one dequantised by bitsandbytes (bit for bit what its layer uses)."""
+    if quant_state is None:
+        return weight.to(dtype)
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight, quant_state).to(dtype)
 
 
 class _Projections(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_input, dtype, scalings, *tensors):
+    def forward(ctx, x, lora_input, dtype, scalings, quant_states, *tensors):
         n = len(scalings)
         shape = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
@@ -48,7 +55,7 @@ class _Projections(torch.autograd.Function):
         xl = xc if lora_input is None else lora_input.reshape(-1, lora_input.shape[-1]).to(dtype)
         parts = [tensors[4 * i:4 * i + 4] for i in range(n)]
         with torch.autocast(x.device.type, enabled=False):
-            weights = [w.to(dtype) for w, _, _, _ in parts]
+            weights = [_dense(w, q, dtype) for (w, _, _, _), q in zip(parts, quant_states)]
             adapted = [i for i, p in enumerate(parts) if p[2] is not None]
             a_cat = h = None
             ups = [None] * n
@@ -67,11 +74,13 @@ class _Projections(torch.autograd.Function):
                     offset += rank
                 outputs.append(y.view(*shape, y.shape[-1]))
         ctx.dtype, ctx.scalings, ctx.adapted, ctx.x_dtype = dtype, scalings, adapted, x.dtype
+        ctx.quant_states = quant_states  # a 4-bit weight is kept packed and dequantised again in the backward
         ctx.x_shape, ctx.has_lora_input = x.shape, lora_input is not None
         ctx.lora_input_dtype = None if lora_input is None else lora_input.dtype
         ctx.wanted = [t is not None and t.requires_grad for t in tensors]
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: its work is skipped
-        ctx.save_for_backward(xc, None if lora_input is None else xl, h, a_cat, *weights,
+        kept = [w if q is None else packed for w, q, (packed, _, _, _) in zip(weights, quant_states, parts)]
+        ctx.save_for_backward(xc, None if lora_input is None else xl, h, a_cat, *kept,
                               *[u for u in ups if u is not None])
         return tuple(outputs)
 
@@ -79,7 +88,7 @@ class _Projections(torch.autograd.Function):
     def backward(ctx, *grads):
         xc, xl, h, a_cat, *rest = ctx.saved_tensors
         n, dtype, scalings, adapted, wanted = len(ctx.scalings), ctx.dtype, ctx.scalings, ctx.adapted, ctx.wanted
-        weights, ups = rest[:n], dict(zip(adapted, rest[n:]))
+        weights, ups = list(rest[:n]), dict(zip(adapted, rest[n:]))
         xl = xc if xl is None else xl
         dys = [None if g is None else g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
         out: list = [None] * (4 * n)
@@ -117,7 +126,9 @@ class _Projections(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 for i, dy in enumerate(dys):
                     if dy is not None:
-                        dx = dy.mm(weights[i]) if dx is None else dx.addmm_(dy, weights[i])
+                        w = weights[i] if ctx.quant_states[i] is None else _dense(weights[i], ctx.quant_states[i], dtype)
+                        dx = dy.mm(w) if dx is None else dx.addmm_(dy, w)
+                        del w
                 if dh is not None and not ctx.has_lora_input:
                     dx = dh.mm(a_cat) if dx is None else dx.addmm_(dh, a_cat)
                 if dx is None:
@@ -126,7 +137,7 @@ class _Projections(torch.autograd.Function):
             d_lora_input = None
             if ctx.has_lora_input and ctx.needs_input_grad[1] and dh is not None:
                 d_lora_input = dh.mm(a_cat).view(ctx.x_shape).to(ctx.lora_input_dtype)
-        return (dx, d_lora_input, None, None, *out)
+        return (dx, d_lora_input, None, None, None, *out)
 
 
 def projections(x: torch.Tensor, parts: Sequence[Projection], dtype: Optional[torch.dtype] = None,
@@ -138,8 +149,10 @@ def projections(x: torch.Tensor, parts: Sequence[Projection], dtype: Optional[to
     for index, p in enumerate(parts):
         if (p.lora_a is None) != (p.lora_b is None):
             raise ValueError(f"projection {index}: lora_a and lora_b come together (one given without the other)")
-        if p.weight.shape[-1] != x.shape[-1]:
-            raise ValueError(f"projection {index}: weight takes {p.weight.shape[-1]} features, x has {x.shape[-1]}")
+        if p.in_features != x.shape[-1]:
+            raise ValueError(f"projection {index}: weight takes {p.in_features} features, x has {x.shape[-1]}")
+        if p.quant_state is not None and p.weight.requires_grad:
+            raise ValueError(f"projection {index}: a 4-bit base weight cannot be trained (it requires grad)")
     if lora_input is not None:
         if len(parts) != 1 or parts[0].lora_a is None:
             raise ValueError("lora_input (the adapter's own input, e.g. after dropout) goes with one adapted projection")
@@ -147,4 +160,5 @@ def projections(x: torch.Tensor, parts: Sequence[Projection], dtype: Optional[to
             raise ValueError(f"lora_input has shape {tuple(lora_input.shape)}, x has {tuple(x.shape)}")
     tensors = [t for p in parts for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
     scalings = tuple(float(p.scaling) for p in parts)
-    return _Projections.apply(x, lora_input, dtype or x.dtype, scalings, *tensors)
+    quant_states = tuple(p.quant_state for p in parts)
+    return _Projections.apply(x, lora_input, dtype or x.dtype, scalings, quant_states, *tensors)

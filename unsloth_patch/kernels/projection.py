@@ -1,4 +1,5 @@
-"""One linear projection as the fused kernels take it: a base weight, an optional bias and LoRA adapter."""
+"""One linear projection as the fused kernels take it: a base weight (plain, or bitsandbytes 4-bit with its
+quantisation state), an optional bias and LoRA adapter."""
 
 from __future__ import annotations
 
@@ -17,3 +18,13 @@ class Projection(NamedTuple):
     lora_b: Optional[torch.Tensor] = None  # [out, rank]
     scaling: float = 1.0
     bias: Optional[torch.Tensor] = None  # [out]
+    quant_state: object = None  # bitsandbytes' QuantState when ``weight`` holds packed 4-bit values
+
+    @property
+    def in_features(self) -> int:
+        return self.quant_state.shape[-1] if self.quant_state is not None else self.weight.shape[-1]
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the base weight computes in (a 4-bit weight's: the one it dequantises to)."""
+        return self.quant_state.dtype if self.quant_state is not None else self.weight.dtype

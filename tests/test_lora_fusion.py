@@ -436,6 +436,23 @@ def test_a_4bit_base_in_fp32_gives_peft_losses_and_gradients():
         torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_4bit_mlp_runs_chunked_under_mlp_recompute_as_peft_computes_it():
+    from unsloth_patch import mlp_recompute
+    from unsloth_patch.kernels.chunked_mlp import chunked_gated_mlp
+
+    model = _qlora_model(compute_dtype=torch.float32, dtype=torch.float32)
+    mlp = model.base_model.model.model.layers[0].mlp
+    parts = [mlp_recompute.projection_of(getattr(mlp, n))[0] for n in ("gate_proj", "up_proj", "down_proj")]
+    assert all(p is not None and p.quant_state is not None for p in parts)
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    leaves = [x] + [t for p in parts for t in (p.lora_a, p.lora_b)]
+    expected = mlp(x)  # PEFT's 4-bit layers, bitsandbytes' matmul
+    got = chunked_gated_mlp(x, *parts, activation="silu", dtype=torch.float32, chunk=5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(expected.sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_a_4bit_base_computing_in_another_dtype_is_left_to_peft():
     model = _qlora_model(compute_dtype=torch.float16)
     outcome = lora_fusion.fuse(model, Edits())

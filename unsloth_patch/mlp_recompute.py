@@ -14,7 +14,8 @@ intermediates instead of a layer's.
 An MLP is eligible when it is one of our fused gated MLPs, its parent layer's forward uses the MLP
 output only in additions (``mlp_is_last``: Llama, Mistral, Qwen2, Qwen3, Gemma; not Gemma2, whose
 post-feed-forward norm saves the MLP output), and each projection is a bias-free ``nn.Linear`` or
-PEFT's plain LoRA ``Linear`` with one active vanilla adapter, no dropout, no hooks. Anything else
+PEFT's plain or 4-bit LoRA ``Linear`` with one active vanilla adapter, no dropout, no hooks
+(``lora_fusion.read``). Anything else
 keeps the module path. The checkpoint function (``checkpointing/functions.py``) says, around each
 layer call, whether it is the forward or the recomputation (``layer_call``).
 """

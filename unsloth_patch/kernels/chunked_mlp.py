@@ -8,7 +8,8 @@ runs in chunks of ``chunk`` tokens and keeps only ``x``; the backward recomputes
 projections and product, and frees them before the next chunk. At most one chunk's four
 intermediate tensors are live (the activation's gradients overwrite the projections).
 
-Each projection is a :class:`Projection`: a base weight and, optionally, one LoRA adapter
+Each projection is a :class:`Projection`: a base weight (plain, or bitsandbytes 4-bit: dequantised once in the
+forward and once in the backward, dense only while the MLP runs) and, optionally, one LoRA adapter
 (``lora_b(lora_a(x)) * scaling`` added to the base output, as PEFT computes it, in the same order
 and dtype). Gradients go to whichever tensors require them: the adapters (low-rank order: the
 dense merged weight is never formed) and the base weights when they are trained; they are summed
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import swiglu
-from .projection import Projection
+from .projection import Projection, dense_weight
 
 __all__ = ["Projection", "chunked_gated_mlp", "CHUNK_TOKENS"]
 
@@ -37,6 +38,15 @@ CHUNK_TOKENS = 2048  # one chunk's intermediate tensors: 4 x 2048 x intermediate
 
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
+
+
+def _weights(tensors, quant_states, dtype):
+    """The nine tensors in ``dtype``, each 4-bit base weight (positions 0, 3, 6) dequantised."""
+    w = [_cast(t, dtype) if i % 3 or quant_states[i // 3] is None else None for i, t in enumerate(tensors)]
+    for k, state in enumerate(quant_states):
+        if state is not None:
+            w[3 * k] = dense_weight(tensors[3 * k], state, dtype)
+    return w
 
 
 def _project(x, weight, a, b, scaling):
@@ -75,17 +85,17 @@ def _gate_up(xc, w, scalings):
 class _ChunkedGatedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, settings, *tensors):
-        gelu, dtype, chunk, skip, scalings = settings
+        gelu, dtype, chunk, skip, scalings, quant_states = settings
         ctx.settings = settings
         ctx.tensors = tensors  # parameters: plain references, nothing saved for them
         ctx.save_for_backward(x)
         rows = x.reshape(-1, x.shape[-1])
-        out_features = tensors[6].shape[0]
+        out_features = tensors[6].shape[0] if quant_states[2] is None else quant_states[2].shape[0]
         out = rows.new_empty((rows.shape[0], out_features), dtype=dtype)
         if skip:
             return out.view(*x.shape[:-1], out_features)
         with torch.autocast(x.device.type, enabled=False):
-            w = [_cast(t, dtype) for t in tensors]
+            w = _weights(tensors, quant_states, dtype)
             for start in range(0, rows.shape[0], chunk):
                 xc = rows[start:start + chunk].to(dtype)
                 gate, up = _gate_up(xc, w, scalings)
@@ -97,7 +107,7 @@ class _ChunkedGatedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        gelu, dtype, chunk, _, scalings = ctx.settings
+        gelu, dtype, chunk, _, scalings, quant_states = ctx.settings
         tensors = ctx.tensors
         wanted = [t is not None and t.requires_grad for t in tensors]
         grads: list = [None] * len(tensors)
@@ -105,7 +115,7 @@ class _ChunkedGatedMLP(torch.autograd.Function):
         dy_rows = grad_out.reshape(-1, grad_out.shape[-1])
         dx = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None
         with torch.autocast(x.device.type, enabled=False):
-            w = [_cast(t, dtype) for t in tensors]
+            w = _weights(tensors, quant_states, dtype)
             for start in range(0, rows.shape[0], chunk):
                 xc = rows[start:start + chunk].to(dtype)
                 dy = dy_rows[start:start + chunk].to(dtype)
@@ -156,5 +166,6 @@ def chunked_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: P
             raise ValueError(f"{name}: lora_a and lora_b come together (one given without the other)")
     tensors = (*gate[:3], *up[:3], *down[:3])
     settings = (activation == "gelu_tanh", dtype or x.dtype, int(chunk), bool(skip),
-                (float(gate.scaling), float(up.scaling), float(down.scaling)))
+                (float(gate.scaling), float(up.scaling), float(down.scaling)),
+                (gate.quant_state, up.quant_state, down.quant_state))
     return _ChunkedGatedMLP.apply(x, settings, *tensors)

@@ -31,18 +31,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .projection import Projection
+from .projection import Projection, dense_weight as _dense
 
 __all__ = ["Projection", "projections"]
-
-
-def _dense(weight, quant_state, dtype):
-    """The base weight in ``dtype``: a 4-bit one dequantised by bitsandbytes (bit for bit what its layer uses)."""
-    if quant_state is None:
-        return weight.to(dtype)
-    from bitsandbytes.functional import dequantize_4bit
-
-    return dequantize_4bit(weight, quant_state).to(dtype)
 
 
 class _Projections(torch.autograd.Function):

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["Projection"]
+__all__ = ["Projection", "dense_weight"]
 
 
 class Projection(NamedTuple):
@@ -28,3 +28,12 @@ class Projection(NamedTuple):
     def weight_dtype(self) -> torch.dtype:
         """The dtype the base weight computes in (a 4-bit weight's: the one it dequantises to)."""
         return self.quant_state.dtype if self.quant_state is not None else self.weight.dtype
+
+
+def dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight in ``dtype``: a 4-bit one dequantised by bitsandbytes (bit for bit what its layer uses)."""
+    if quant_state is None:
+        return weight.to(dtype)
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight, quant_state).to(dtype)

@@ -458,3 +458,18 @@ def test_a_4bit_base_computing_in_another_dtype_is_left_to_peft():
     outcome = lora_fusion.fuse(model, Edits())
     assert outcome["fused"] == 0 and len(outcome["kept"]) == 14
     assert all("computes in torch.float16" in why for why in outcome["kept"].values())
+
+
+def test_a_4bit_layer_with_dropout_draws_peft_masks():
+    model = _qlora_model(compute_dtype=torch.float32, dtype=torch.float32)
+    for module in model.modules():
+        if lora_fusion.is_lora_4bit(module):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.3)
+    model.train()
+    ids = _ids(model)
+    loss, grads = _step(model, ids, seed=3)
+    assert lora_fusion.fuse(model, Edits())["fused"] == 14
+    fused_loss, fused_grads = _step(model, ids, seed=3)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)

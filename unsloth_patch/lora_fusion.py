@@ -194,8 +194,10 @@ def _fused_forward(self, x, *args, **kwargs):
     try:
         from .kernels.lora_linear import projections
 
-        if dropout is not None:
-            return projections(x, (part,), dtype, lora_input=dropout(self._cast_input_dtype(x, part.lora_a.dtype)))[0]
+        if dropout is not None:  # the adapter's input as PEFT makes it, so that the dropout draws PEFT's mask
+            four_bit_under_autocast = part.quant_state is not None and torch.is_autocast_enabled()  # PEFT's test
+            lora_x = x if four_bit_under_autocast else self._cast_input_dtype(x, part.lora_a.dtype)
+            return projections(x, (part,), dtype, lora_input=dropout(lora_x))[0]
         if group is None or not any(member is self for member in group.members):
             return projections(x, (part,), dtype)[0]
         return _run_group(self, group, x, part, dtype)

@@ -46,7 +46,7 @@ class _Projections(torch.autograd.Function):
         xl = xc if lora_input is None else lora_input.reshape(-1, lora_input.shape[-1]).to(dtype)
         parts = [tensors[4 * i:4 * i + 4] for i in range(n)]
         with torch.autocast(x.device.type, enabled=False):
-            weights = [_dense(w, q, dtype) for (w, _, _, _), q in zip(parts, quant_states)]
+            kept = [w.to(dtype) if q is None else w for (w, _, _, _), q in zip(parts, quant_states)]  # 4-bit: packed
             adapted = [i for i, p in enumerate(parts) if p[2] is not None]
             a_cat = h = None
             ups = [None] * n
@@ -56,7 +56,9 @@ class _Projections(torch.autograd.Function):
                 h = xl.mm(a_cat.t())  # [tokens, sum of ranks]
             outputs, offset = [], 0
             for i, (w, bias, a, b) in enumerate(parts):
-                y = xc.mm(weights[i].t()) if bias is None else torch.addmm(bias.to(dtype), xc, weights[i].t())
+                dense = kept[i] if quant_states[i] is None else _dense(w, quant_states[i], dtype)  # one at a time
+                y = xc.mm(dense.t()) if bias is None else torch.addmm(bias.to(dtype), xc, dense.t())
+                del dense
                 if a is not None:
                     ups[i] = b.to(dtype)
                     rank = a.shape[0]
@@ -70,7 +72,6 @@ class _Projections(torch.autograd.Function):
         ctx.lora_input_dtype = None if lora_input is None else lora_input.dtype
         ctx.wanted = [t is not None and t.requires_grad for t in tensors]
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: its work is skipped
-        kept = [w if q is None else packed for w, q, (packed, _, _, _) in zip(weights, quant_states, parts)]
         ctx.save_for_backward(xc, None if lora_input is None else xl, h, a_cat, *kept,
                               *[u for u in ups if u is not None])
         return tuple(outputs)

@@ -499,3 +499,31 @@ def test_a_4bit_layer_with_dropout_draws_peft_masks():
     torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
     for name in grads:
         torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_model_the_trainer_replicates_with_data_parallel_keeps_every_forward(tokenizer, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from unsloth_patch import layers
+    from unsloth_patch.patches.training_edits import replicated_reason
+    from unsloth_patch.tiny import chat_dataset
+
+    assert "nn.DataParallel" in replicated_reason(SimpleNamespace(args=SimpleNamespace(n_gpu=2)))
+    assert replicated_reason(SimpleNamespace(args=SimpleNamespace(n_gpu=1))) is None
+    assert replicated_reason(SimpleNamespace(args=SimpleNamespace(n_gpu=0))) is None  # CPU
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))  # one process, two GPUs: DataParallel
+    dataset = chat_dataset(tokenizer, limit=8, format="text")
+    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, seed=0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    try:
+        trainer = sft_trainer(model, tokenizer, dataset, sft_config(tmp_path, max_length=32, max_steps=2, bf16=False),
+                              peft_config=config)
+    except ValueError as exc:  # newer TRL refuses nn.DataParallel itself
+        assert "DataParallel" in str(exc)
+        return
+    trainer.train()  # older TRL: the Trainer wraps the model in nn.DataParallel (a pass-through on a CPU)
+    assert lora_fusion.last()["fused"] == 0 and "nn.DataParallel" in lora_fusion.last()["reason"]
+    assert "nn.DataParallel" in layers.last_fusion()["reason"]
+    assert len(losses(trainer)) == 2

@@ -248,12 +248,13 @@ def _model_reason(model) -> Optional[str]:
     return None
 
 
-def fuse_model_layers(model, settings=None, edits=None, force: bool = False) -> dict:
+def fuse_model_layers(model, settings=None, edits=None, force: bool = False, refused: Optional[str] = None) -> dict:
     """Give recognised RMSNorm, gated-MLP and RoPE attention modules of ``model`` fused forwards; return the counts.
 
     Every replacement goes through ``edits`` (an :class:`unsloth_patch.edits.Edits`), so
     ``edits.rollback()`` restores the original forwards. Never raises for an unsupported model:
-    it records why nothing was fused (see :func:`last_fusion`).
+    it records why nothing was fused (see :func:`last_fusion`); ``refused`` is a reason decided
+    by the caller (nothing is fused, the reason recorded).
     """
     from .edits import Edits
     from .settings import current
@@ -266,7 +267,9 @@ def fuse_model_layers(model, settings=None, edits=None, force: bool = False) -> 
     reason = ""
     off = tuple(getattr(settings, "kernels_off", ()))
     on = {name: name not in off for name in ("rmsnorm", "swiglu", "rope")}
-    if getattr(settings, "kernels", "auto") == "off":
+    if refused:
+        reason = refused
+    elif getattr(settings, "kernels", "auto") == "off":
         reason = "turned off by UNSLOTH_PATCH_KERNELS=off"
     elif not any(on.values()):
         reason = f"turned off by UNSLOTH_PATCH_KERNELS_OFF={','.join(off)}"

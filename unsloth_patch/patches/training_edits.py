@@ -152,10 +152,11 @@ def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
     from ..layers import fuse_model_layers
 
     model = base_model(trainer.model)
+    replicated = replicated_reason(trainer)
     with startup.phase("fused layers"):
-        fuse_model_layers(model, settings, edits)
+        fuse_model_layers(model, settings, edits, refused=replicated)
         _keep_lora_inputs(model, settings, edits)
-        _fuse_lora(model, settings, edits)
+        _fuse_lora(model, settings, edits, refused=replicated)
     if not (plan.padding_free or plan.boundaries_only or plan.packer):
         return
     if getattr(model.config, "use_cache", False):
@@ -195,11 +196,24 @@ def _keep_lora_inputs(model, settings, edits: Edits) -> None:
     lora_inputs.remember(outcome)
 
 
-def _fuse_lora(model, settings, edits: Edits) -> None:
+def replicated_reason(trainer):
+    """Why instance forwards must stay as they are: ``nn.DataParallel`` (the Trainer's choice when one process
+    sees several GPUs) copies each module's ``__dict__`` into its replicas, so a forward bound to the original
+    module would run the original's weights on every device. None when the model is not replicated."""
+    gpus = getattr(trainer.args, "n_gpu", 1)
+    if isinstance(gpus, int) and gpus > 1:
+        return (f"the Trainer replicates the model over {gpus} GPUs with nn.DataParallel (one process, no "
+                "torchrun/accelerate launch): fused forwards stay off; launch one process per GPU to use them")
+    return None
+
+
+def _fuse_lora(model, settings, edits: Edits, refused=None) -> None:
     """LoRA layers as one autograd node each, sibling projections of one input as one (``lora_fusion``)."""
     from .. import lora_fusion
 
-    if settings.kernels == "off":
+    if refused:
+        outcome = {"reason": refused}
+    elif settings.kernels == "off":
         outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS=off"}
     elif "lora" in settings.kernels_off:
         outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS_OFF=lora"}

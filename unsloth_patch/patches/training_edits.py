@@ -180,19 +180,25 @@ def apply_model_edits(trainer, plan, settings, edits: Edits) -> None:
             set_attention(model, plan.attention, edits)
 
 
+def _lora_edit(settings, kernel: str, run, refused=None) -> dict:
+    """``run()``'s outcome, or why it did not run: the caller's reason, ``KERNELS=off`` or ``KERNELS_OFF``."""
+    if refused:
+        return {"reason": refused}
+    if settings.kernels == "off":
+        return {"reason": "turned off by UNSLOTH_PATCH_KERNELS=off"}
+    if kernel in settings.kernels_off:
+        return {"reason": f"turned off by UNSLOTH_PATCH_KERNELS_OFF={kernel}"}
+    return run()
+
+
 def _keep_lora_inputs(model, settings, edits: Edits) -> None:
     """LoRA layers without PEFT's float32 copies of their input under autocast (``lora_inputs``)."""
     from .. import lora_inputs
 
-    if settings.kernels == "off":
-        outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS=off"}
-    elif "lora_cast" in settings.kernels_off:
-        outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS_OFF=lora_cast"}
-    else:
-        outcome = lora_inputs.keep_input_dtype(model, edits)
-        if outcome["edited"]:
-            log.logger.info("LoRA inputs: %d layers keep the compute dtype under autocast (%d keep PEFT's cast)",
-                            outcome["edited"], len(outcome["kept"]))
+    outcome = _lora_edit(settings, "lora_cast", lambda: lora_inputs.keep_input_dtype(model, edits))
+    if outcome.get("edited"):
+        log.logger.info("LoRA inputs: %d layers keep the compute dtype under autocast (%d keep PEFT's cast)",
+                        outcome["edited"], len(outcome["kept"]))
     lora_inputs.remember(outcome)
 
 
@@ -211,17 +217,10 @@ def _fuse_lora(model, settings, edits: Edits, refused=None) -> None:
     """LoRA layers as one autograd node each, sibling projections of one input as one (``lora_fusion``)."""
     from .. import lora_fusion
 
-    if refused:
-        outcome = {"reason": refused}
-    elif settings.kernels == "off":
-        outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS=off"}
-    elif "lora" in settings.kernels_off:
-        outcome = {"reason": "turned off by UNSLOTH_PATCH_KERNELS_OFF=lora"}
-    else:
-        outcome = lora_fusion.fuse(model, edits)
-        if outcome["fused"]:
-            log.logger.info("LoRA layers: %d fused (%d in sibling groups sharing one input; %d left to PEFT)",
-                            outcome["fused"], outcome["grouped"], len(outcome["kept"]))
+    outcome = _lora_edit(settings, "lora", lambda: lora_fusion.fuse(model, edits), refused)
+    if outcome.get("fused"):
+        log.logger.info("LoRA layers: %d fused (%d in sibling groups sharing one input; %d left to PEFT)",
+                        outcome["fused"], outcome["grouped"], len(outcome["kept"]))
     lora_fusion.remember(outcome)
 
 

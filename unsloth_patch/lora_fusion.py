@@ -29,7 +29,7 @@ import types
 from typing import Optional
 
 from . import fallback, source_ast
-from .lora_inputs import autocast_state, is_plain_lora_linear
+from .lora_inputs import LORA_LINEAR, autocast_state
 
 _LORA_4BIT = ("peft.tuners.lora.bnb", "Linear4bit")  # PEFT's LoRA layer on a bitsandbytes 4-bit base
 
@@ -52,22 +52,37 @@ def remember(outcome: dict) -> None:
 # ----------------------------------------------------------------------------- reading a layer
 
 
+_LINEAR: list = []  # torch.nn.Linear, looked up once (this runs on every fused forward)
+
+
 def plain_linear_reason(module, bias: bool) -> Optional[str]:
     """Why ``module`` is not a plain ``nn.Linear`` (with a bias only if ``bias``) without hooks; None if it is."""
-    import torch
+    if not _LINEAR:
+        import torch
 
-    if type(module) is not torch.nn.Linear:
+        _LINEAR.append(torch.nn.Linear)
+    if type(module) is not _LINEAR[0]:
         return f"{type(module).__name__} is not a plain nn.Linear"
-    if module.bias is not None and not bias:
+    if not bias and module._parameters["bias"] is not None:
         return "has a bias"
     if module._forward_hooks or module._forward_pre_hooks:
         return "has forward hooks"
     return None
 
 
+_KINDS: dict = {}  # class -> "plain" (PEFT's LoRA Linear), "4bit" (its Linear4bit) or "" (neither)
+
+
+def _kind(cls) -> str:
+    kind = _KINDS.get(cls)
+    if kind is None:
+        key = (cls.__module__, cls.__name__)
+        kind = _KINDS[cls] = "4bit" if key == _LORA_4BIT else ("plain" if key == LORA_LINEAR else "")
+    return kind
+
+
 def is_lora_4bit(module) -> bool:
-    cls = type(module)
-    return (cls.__module__, cls.__name__) == _LORA_4BIT
+    return _kind(type(module)) == "4bit"
 
 
 def _four_bit_base(base, bias: bool):
@@ -91,51 +106,66 @@ def _four_bit_base(base, bias: bool):
 
 def read(module, bias: bool = True):
     """``(Projection, dropout, None)`` for what ``module`` computes now (dropout: an ``nn.Dropout`` the adapter's
-    input goes through, or None), else ``(None, None, why not)``. Plain ``nn.Linear`` or PEFT's plain LoRA
-    ``Linear``; reads the module's current state (adapters enabled, merged, active, scaling, hooks)."""
+    input goes through, or None), else ``(None, None, why not)``. Plain ``nn.Linear`` or PEFT's plain or 4-bit
+    LoRA ``Linear``; reads the module's current state (adapters enabled, merged, active, scaling, hooks).
+    Called on every fused forward, so it reads the modules' own dicts rather than through ``nn.Module``'s
+    attribute lookup."""
     import torch
 
     from .kernels.projection import Projection
 
-    four_bit = is_lora_4bit(module)
-    if not (four_bit or is_plain_lora_linear(module)):
+    kind = _kind(type(module))
+    if not kind:
         why = plain_linear_reason(module, bias)
         return (None, None, why) if why else (Projection(module.weight, bias=module.bias), None, None)
     if module._forward_hooks or module._forward_pre_hooks:
         return None, None, "the LoRA layer has forward hooks"
-    base = module.base_layer
-    if four_bit:
+    children = module._modules
+    base = children["base_layer"]
+    if kind == "4bit":
         base_part, why = _four_bit_base(base, bias)
     else:
         why = plain_linear_reason(base, bias)
-        base_part = None if why else Projection(base.weight, bias=base.bias)
+        base_part = None
     if why:
         return None, None, f"its base layer {why}"
-    if getattr(module, "_disable_adapters", True) or getattr(module, "merged_adapters", True):
+    state = module.__dict__
+    if state.get("_disable_adapters", True) or state.get("merged_adapters", True):
         return None, None, "adapters disabled or merged"
-    active = getattr(module, "_active_adapter", None)
+    active = state.get("_active_adapter")
     if active is None:
         return None, None, "this PEFT keeps no _active_adapter"
-    active = [active] if isinstance(active, str) else list(active)
-    active = [name for name in active if name in module.lora_A]
-    if len(active) != 1:
-        return None, None, f"{len(active)} active adapters (one is fused)"
-    name = active[0]
-    if name in (getattr(module, "lora_variant", None) or {}) or (getattr(module, "use_dora", None) or {}).get(name):
+    adapters_a = children["lora_A"]._modules
+    if isinstance(active, str):
+        name = active if active in adapters_a else None
+    else:
+        present = [n for n in active if n in adapters_a]
+        name = present[0] if len(present) == 1 else None
+        if name is None:
+            return None, None, f"{len(present)} active adapters (one is fused)"
+    if name is None:
+        return None, None, "0 active adapters (one is fused)"
+    if name in (state.get("lora_variant") or {}) or (state.get("use_dora") or {}).get(name):
         return None, None, "a LoRA variant (e.g. DoRA): left to PEFT"
-    dropout = module.lora_dropout[name]
+    dropout = children["lora_dropout"]._modules[name]
     if type(dropout) is torch.nn.Identity:
         dropout = None
     elif type(dropout) is not torch.nn.Dropout or dropout._forward_hooks or dropout._forward_pre_hooks:
         return None, None, f"its dropout is {type(dropout).__name__} (nn.Identity or nn.Dropout are fused)"
     elif not callable(getattr(type(module), "_cast_input_dtype", None)):
         return None, None, "lora_dropout > 0 on a PEFT without _cast_input_dtype (its input cast is not known)"
-    a, b = module.lora_A[name], module.lora_B[name]
+    a, b = adapters_a[name], children["lora_B"]._modules[name]
     for part, layer in (("lora_A", a), ("lora_B", b)):
         why = plain_linear_reason(layer, bias=False)
         if why:
             return None, None, f"its {part} {why}"
-    return base_part._replace(lora_a=a.weight, lora_b=b.weight, scaling=float(module.scaling[name])), dropout, None
+    scaling = float(state["scaling"][name])
+    if base_part is None:
+        parameters = base._parameters
+        return (Projection(parameters["weight"], a._parameters["weight"], b._parameters["weight"], scaling,
+                           parameters["bias"]), dropout, None)
+    return base_part._replace(lora_a=a._parameters["weight"], lora_b=b._parameters["weight"], scaling=scaling), \
+        dropout, None
 
 
 def compute_dtype(x, parts):
@@ -264,7 +294,7 @@ def fuse(model, edits) -> dict:
         if is_fused(module):
             fused[id(module)] = module
             continue
-        part, _, why = read(module) if is_plain_lora_linear(module) or is_lora_4bit(module) else (None, None, "")
+        part, _, why = read(module) if _kind(type(module)) else (None, None, "")
         if part is None:
             kept[name] = why or (f"{type(module).__module__}.{type(module).__name__} is not PEFT's plain or 4-bit "
                                  "LoRA Linear")

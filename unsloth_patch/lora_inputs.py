@@ -23,7 +23,7 @@ from __future__ import annotations
 import types
 from typing import Optional
 
-_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")  # where the class lives, and its name
+LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")  # where the class lives, and its name
 _last: dict = {"edited": 0, "kept": {}, "reason": "not run yet"}
 
 
@@ -51,7 +51,7 @@ def autocast_state(device_type: str) -> tuple:
 def is_plain_lora_linear(module) -> bool:
     """Whether ``module`` is PEFT's plain LoRA ``Linear`` (not a quantised or other layer type)."""
     cls = type(module)
-    return (cls.__module__, cls.__name__) == _LORA_LINEAR
+    return (cls.__module__, cls.__name__) == LORA_LINEAR
 
 
 def _kept_input(self, x, dtype):

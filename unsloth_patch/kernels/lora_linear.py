@@ -27,6 +27,7 @@ separately, so the dropout's own autograd node finishes it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -34,6 +35,20 @@ import torch
 from .projection import Projection, dense_weight as _dense
 
 __all__ = ["Projection", "projections"]
+
+
+_NO_CHANGE = contextlib.nullcontext()
+
+
+def _in_dtype(device_type: str, dtype):
+    """A context in which ops on ``dtype`` tensors compute in ``dtype``: autocast turned off only where it is on
+    in another dtype (in its own dtype it casts nothing, and entering a context costs host time on every call)."""
+    try:
+        if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == dtype:
+            return _NO_CHANGE
+    except (TypeError, RuntimeError):  # a torch or device without per-device autocast queries
+        pass
+    return torch.autocast(device_type, enabled=False)
 
 
 class _Projections(torch.autograd.Function):
@@ -45,7 +60,7 @@ class _Projections(torch.autograd.Function):
         xc = rows.to(dtype)
         xl = xc if lora_input is None else lora_input.reshape(-1, lora_input.shape[-1]).to(dtype)
         parts = [tensors[4 * i:4 * i + 4] for i in range(n)]
-        with torch.autocast(x.device.type, enabled=False):
+        with _in_dtype(x.device.type, dtype):
             kept = [w.to(dtype) if q is None else w for (w, _, _, _), q in zip(parts, quant_states)]  # 4-bit: packed
             adapted = [i for i, p in enumerate(parts) if p[2] is not None]
             a_cat = h = None
@@ -84,7 +99,7 @@ class _Projections(torch.autograd.Function):
         xl = xc if xl is None else xl
         dys = [None if g is None else g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
         out: list = [None] * (4 * n)
-        with torch.autocast(xc.device.type, enabled=False):
+        with _in_dtype(xc.device.type, dtype):
             dh, offset = None, 0
             if adapted:
                 pieces = []

@@ -40,6 +40,15 @@ __all__ = ["Projection", "projections"]
 _NO_CHANGE = contextlib.nullcontext()
 
 
+def _to(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)  # ``.to`` parses its arguments even when nothing changes
+
+
+def _scaled_mm(a, b, scaling):
+    """``scaling * (a @ b)`` in one kernel (``beta=0``: the uninitialised input is ignored, NaNs included)."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+
+
 def _in_dtype(device_type: str, dtype):
     """A context in which ops on ``dtype`` tensors compute in ``dtype``: autocast turned off only where it is on
     in another dtype (in its own dtype it casts nothing, and entering a context costs host time on every call)."""
@@ -57,25 +66,25 @@ class _Projections(torch.autograd.Function):
         n = len(scalings)
         shape = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
-        xc = rows.to(dtype)
-        xl = xc if lora_input is None else lora_input.reshape(-1, lora_input.shape[-1]).to(dtype)
+        xc = _to(rows, dtype)
+        xl = xc if lora_input is None else _to(lora_input.reshape(-1, lora_input.shape[-1]), dtype)
         parts = [tensors[4 * i:4 * i + 4] for i in range(n)]
         with _in_dtype(x.device.type, dtype):
-            kept = [w.to(dtype) if q is None else w for (w, _, _, _), q in zip(parts, quant_states)]  # 4-bit: packed
+            kept = [_to(w, dtype) if q is None else w for (w, _, _, _), q in zip(parts, quant_states)]  # 4-bit: packed
             adapted = [i for i, p in enumerate(parts) if p[2] is not None]
             a_cat = h = None
             ups = [None] * n
             if adapted:
-                downs = [parts[i][2].to(dtype) for i in adapted]
+                downs = [_to(parts[i][2], dtype) for i in adapted]
                 a_cat = downs[0] if len(downs) == 1 else torch.cat(downs, 0)
                 h = xl.mm(a_cat.t())  # [tokens, sum of ranks]
             outputs, offset = [], 0
             for i, (w, bias, a, b) in enumerate(parts):
                 dense = kept[i] if quant_states[i] is None else _dense(w, quant_states[i], dtype)  # one at a time
-                y = xc.mm(dense.t()) if bias is None else torch.addmm(bias.to(dtype), xc, dense.t())
+                y = xc.mm(dense.t()) if bias is None else torch.addmm(_to(bias, dtype), xc, dense.t())
                 del dense
                 if a is not None:
-                    ups[i] = b.to(dtype)
+                    ups[i] = _to(b, dtype)
                     rank = a.shape[0]
                     # out of place: selective checkpointing may keep the first product, which must stay as made
                     y = torch.addmm(y, h[:, offset:offset + rank], ups[i].t(), alpha=scalings[i])
@@ -97,7 +106,7 @@ class _Projections(torch.autograd.Function):
         n, dtype, scalings, adapted, wanted = len(ctx.scalings), ctx.dtype, ctx.scalings, ctx.adapted, ctx.wanted
         weights, ups = list(rest[:n]), dict(zip(adapted, rest[n:]))
         xl = xc if xl is None else xl
-        dys = [None if g is None else g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
+        dys = [None if g is None else _to(g.reshape(-1, g.shape[-1]), dtype) for g in grads]
         out: list = [None] * (4 * n)
         with _in_dtype(xc.device.type, dtype):
             dh, offset = None, 0
@@ -111,8 +120,8 @@ class _Projections(torch.autograd.Function):
                         pieces.append(h.new_zeros(h_i.shape))
                         continue
                     if wanted[4 * i + 3]:
-                        out[4 * i + 3] = dy.t().mm(h_i).mul_(scalings[i])
-                    pieces.append(dy.mm(ups[i]).mul_(scalings[i]))
+                        out[4 * i + 3] = _scaled_mm(dy.t(), h_i, scalings[i])
+                    pieces.append(_scaled_mm(dy, ups[i], scalings[i]))
                 dh = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
                 if any(wanted[4 * i + 2] and dys[i] is not None for i in adapted):
                     d_a = dh.t().mm(xl)
@@ -140,10 +149,10 @@ class _Projections(torch.autograd.Function):
                     dx = dh.mm(a_cat) if dx is None else dx.addmm_(dh, a_cat)
                 if dx is None:
                     dx = xc.new_zeros(xc.shape)
-                dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+                dx = _to(dx.view(ctx.x_shape), ctx.x_dtype)
             d_lora_input = None
             if ctx.has_lora_input and ctx.needs_input_grad[1] and dh is not None:
-                d_lora_input = dh.mm(a_cat).view(ctx.x_shape).to(ctx.lora_input_dtype)
+                d_lora_input = _to(dh.mm(a_cat).view(ctx.x_shape), ctx.lora_input_dtype)
         return (dx, d_lora_input, None, None, None, *out)
 
 

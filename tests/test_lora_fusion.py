@@ -131,13 +131,13 @@ def _ids(model, batch=2, length=24, seed=1):
 
 def _counting(monkeypatch):
     calls = []
-    original = lora_linear._Projections.apply
+    original = lora_linear.projections
 
-    def apply(*args):
-        calls.append(len(args[3]))  # how many projections that node computed
-        return original(*args)
+    def counted(x, parts, *args, **kwargs):
+        calls.append(len(parts))  # how many projections that call computed
+        return original(x, parts, *args, **kwargs)
 
-    monkeypatch.setattr(lora_linear._Projections, "apply", apply)
+    monkeypatch.setattr(lora_linear, "projections", counted)
     return calls
 
 
@@ -310,10 +310,10 @@ def test_a_failing_fused_forward_falls_back_to_peft_once(monkeypatch):
     loss, _ = _step(model, ids)
     lora_fusion.fuse(model, Edits())
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(lora_linear._Projections, "apply", broken)
+    monkeypatch.setattr(lora_linear, "projections", broken)
     try:
         fallback_loss, _ = _step(model, ids)
         assert not fallback.enabled(lora_fusion.FUSED_LORA)

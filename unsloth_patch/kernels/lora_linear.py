@@ -31,6 +31,7 @@ import contextlib
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .projection import Projection, dense_weight as _dense
 
@@ -174,7 +175,41 @@ def projections(x: torch.Tensor, parts: Sequence[Projection], dtype: Optional[to
             raise ValueError("lora_input (the adapter's own input, e.g. after dropout) goes with one adapted projection")
         if lora_input.shape != x.shape:
             raise ValueError(f"lora_input has shape {tuple(lora_input.shape)}, x has {tuple(x.shape)}")
+    dtype = dtype or x.dtype
+    if _native_applies(x, parts, dtype):
+        return _native(x, parts, lora_input)
     tensors = [t for p in parts for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
     scalings = tuple(float(p.scaling) for p in parts)
     quant_states = tuple(p.quant_state for p in parts)
-    return _Projections.apply(x, lora_input, dtype or x.dtype, scalings, quant_states, *tensors)
+    return _Projections.apply(x, lora_input, dtype, scalings, quant_states, *tensors)
+
+
+def _native_applies(x, parts, dtype) -> bool:
+    """Whether one projection is computed by native ops: a plain (not 4-bit) weight, and either autocast on in
+    ``dtype`` (it casts each op's inputs) or every tensor in ``dtype`` already. Groups keep the node: in the
+    native graph a sibling whose output nobody uses would hand its adapter a zero gradient instead of none
+    (an optimizer step then moves it), and a 4-bit weight would be saved dense for the backward."""
+    if len(parts) != 1 or parts[0].quant_state is not None:
+        return False
+    try:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type) == dtype
+    except (TypeError, RuntimeError):
+        return False
+    return x.dtype == dtype and all(t.dtype == dtype for p in parts
+                                    for t in (p.weight, p.bias, p.lora_a, p.lora_b) if t is not None)
+
+
+def _native(x, parts, lora_input):
+    """One projection from native ops, whose backward runs in autograd's C++ engine with no Python (for a lone
+    projection the node's Python costs more host time than the kernels it saves): the low-rank product added
+    inside an ``addmm``, so neither the forward's ``* scaling`` and addition over ``[tokens, out]`` nor the
+    backward's ``dy * scaling`` is made."""
+    (p,) = parts
+    shape = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    y = F.linear(rows, p.weight, p.bias)
+    if p.lora_a is not None:
+        source = rows if lora_input is None else lora_input.reshape(-1, lora_input.shape[-1])
+        y = torch.addmm(y, F.linear(source, p.lora_a), p.lora_b.t(), alpha=p.scaling)
+    return (y.view(*shape, y.shape[-1]),)

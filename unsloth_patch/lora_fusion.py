@@ -2,8 +2,8 @@
 
 While ``train()`` runs, each of PEFT's plain LoRA ``Linear`` layers that qualifies gets an instance
 ``forward`` that computes what PEFT's would (base output plus ``lora_B(lora_A(dropout(x))) * scaling``,
-in the autocast dtype) through ``kernels/lora_linear.projections``: one node and four or five
-kernels instead of seven of each, and no float32 copy of the input.
+in the autocast dtype) through ``kernels/lora_linear.projections``: fewer kernels and nodes than PEFT's
+seven of each, no ``* scaling`` and addition over the whole output, and no float32 copy of the input.
 
 Siblings that their parent's forward calls with the same argument (``self.q_proj(hidden_states)``,
 ``self.k_proj(hidden_states)``, ``self.v_proj(hidden_states)`` in Llama-style attention;

@@ -19,6 +19,10 @@ one or more projections of the same input ``x`` in one node:
 * a bitsandbytes 4-bit base weight (QLoRA) is dequantised by bitsandbytes, as its own layer does,
   in the forward and again in the backward: only the packed weight is kept between them.
 
+A lone projection (plain weight) is computed from native ops instead, ``F.linear`` and an ``addmm`` with
+``alpha=scaling``, the same maths, whose backward runs in autograd's C++ engine: for one projection a
+Python node costs more host time than the kernels it saves (``benchmarks/lora_host_cost.py``).
+
 Everything runs in ``dtype`` (the autocast dtype, or the inputs' own), as PEFT's layers do under
 autocast; ``x``'s gradient comes back in ``x``'s dtype. ``lora_input`` (one projection only) is the
 adapter's input when it differs from ``x`` (PEFT's ``lora_dropout``); its gradient is returned

@@ -133,3 +133,42 @@ def test_compiled_calls_match_eager(name):
     assert (got[0] - expected[0]).abs().max() <= 1e-5
     for a, b in zip(got[1], expected[1]):
         assert (a - b).abs().max() <= 1e-5
+
+
+OP_NAMES = {"attention": ("_attention_op", "_attention_backward_op"), "rmsnorm": ("_rms_norm_op", "_rms_norm_backward_op"),
+            "gated": ("_gated_op", "_gated_backward_op"), "rope": ("_rope_op", "_rope_backward_op")}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_eager_calls_skip_the_dispatcher_and_match_the_op_bitwise(name, monkeypatch):
+    """Eager training calls the op's body through a plain autograd.Function (less host time a call);
+    ``_eager.DIRECT = False`` sends the same call through the custom op: identical outputs and gradients."""
+    from unsloth_patch.kernels import _eager
+
+    function, make, module = CASES[name]
+    monkeypatch.setattr(_eager, "DIRECT", False)
+    through_op = _run(function, make())
+    monkeypatch.setattr(_eager, "DIRECT", True)
+    calls = []
+    for attribute in OP_NAMES[name]:
+        op = getattr(module, attribute)
+        monkeypatch.setattr(module, attribute, lambda *a, _op=op: calls.append(_op) or _op(*a))
+    direct = _run(function, make())
+    assert calls == []
+    assert torch.equal(direct[0], through_op[0])
+    assert len(direct[1]) == len(through_op[1]) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(direct[1], through_op[1]))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fake_tensors_go_through_the_op(name):
+    """Fake-tensor tracing (torch.compile's, torch.export's) needs the op's fake implementation, not the body."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    function, make, _ = CASES[name]
+    real = make()
+    expected = function(*real)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in real]
+        out = function(*fake)
+    assert type(out) is not torch.Tensor and out.shape == expected.shape and out.dtype == expected.dtype

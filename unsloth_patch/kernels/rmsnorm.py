@@ -36,7 +36,7 @@ import functools
 
 import torch
 
-from . import _guard
+from . import _eager, _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
 from ..settings import triton_interpreting as _interpreting
@@ -256,9 +256,12 @@ def _backward_reference(dy2, x2, weight, rstd, offset):
     return dx.to(x2.dtype), (dyf * seen).sum(0).to(weight.dtype)
 
 
-@torch.library.custom_op("unsloth_patch::rms_norm", mutates_args=())
-def _rms_norm_op(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_body(x2: torch.Tensor, weight: torch.Tensor, eps: float,
+                   offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _guard.run(KERNEL, _forward_triton, _forward_reference, x2, weight, eps, offset)
+
+
+_rms_norm_op = torch.library.custom_op("unsloth_patch::rms_norm", _rms_norm_body, mutates_args=())
 
 
 @_rms_norm_op.register_fake
@@ -267,10 +270,13 @@ def _(x2, weight, eps, offset):
     return y, x2.new_empty((x2.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op("unsloth_patch::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                          offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_backward_body(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                            offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _guard.run(KERNEL, _backward_triton, _backward_reference, dy2, x2, weight, rstd, offset)
+
+
+_rms_norm_backward_op = torch.library.custom_op("unsloth_patch::rms_norm_backward", _rms_norm_backward_body,
+                                                mutates_args=())
 
 
 @_rms_norm_backward_op.register_fake
@@ -286,11 +292,13 @@ def _setup_context(ctx, inputs, output):
 
 def _rms_norm_grad(ctx, dy, _drstd):
     x2, weight, rstd = ctx.saved_tensors
-    dx, dweight = _rms_norm_backward_op(_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset)
+    dx, dweight = _eager.call(_rms_norm_backward_op, _rms_norm_backward_body,
+                              _rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset)
     return dx, dweight, None, None
 
 
 _rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_setup_context)
+_rms_norm_apply = _eager.differentiable(_rms_norm_body, _setup_context, _rms_norm_grad, "RMSNorm")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -300,5 +308,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not match rows of {x.shape[-1]}")
     shape = x.shape
-    y, _ = _rms_norm_op(_rows(x, shape[-1]), weight, float(eps), float(offset))
+    y, _ = _rms_norm_apply(_rms_norm_op, _rows(x, shape[-1]), weight, float(eps), float(offset))
     return y.view(*shape[:-1], shape[-1])

@@ -36,7 +36,8 @@ anyway.
 
 The kernel runs inside ``torch.library`` custom ops (``unsloth_patch::rope`` and
 ``unsloth_patch::rope_backward``) with fake implementations and a registered autograd formula, so
-``torch.compile`` treats it as one opaque operation. No gradient flows to ``cos``/``sin`` (transformers
+``torch.compile`` treats it as one opaque operation (an eager call runs the op's body directly, without
+the dispatcher: ``_eager.py``). No gradient flows to ``cos``/``sin`` (transformers
 computes them under ``no_grad``; the wiring does not route tables that require grad here). Importing
 this module never needs Triton; calling :func:`rope` does (if a launch fails, the op computes the
 same maths in PyTorch, once warned).
@@ -47,7 +48,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _guard
+from . import _eager, _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
 from ..settings import triton_interpreting as _interpreting
@@ -210,10 +211,12 @@ def _backward_reference(dq, dk, cos, sin):
     return transpose(dq), transpose(dk)
 
 
-@torch.library.custom_op("unsloth_patch::rope", mutates_args=())
-def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_body(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _guard.run(KERNEL, _forward_triton, _forward_reference, q, k, cos, sin)
+
+
+_rope_op = torch.library.custom_op("unsloth_patch::rope", _rope_body, mutates_args=())
 
 
 @_rope_op.register_fake
@@ -222,10 +225,12 @@ def _(q, k, cos, sin):
     return torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
 
 
-@torch.library.custom_op("unsloth_patch::rope_backward", mutates_args=())
-def _rope_backward_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_backward_body(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _guard.run(KERNEL, _backward_triton, _backward_reference, dq, dk, cos, sin)
+
+
+_rope_backward_op = torch.library.custom_op("unsloth_patch::rope_backward", _rope_backward_body, mutates_args=())
 
 
 @_rope_backward_op.register_fake
@@ -241,12 +246,13 @@ def _setup_context(ctx, inputs, output):
 
 def _rope_grad(ctx, dq_out, dk_out):
     cos, sin = ctx.saved_tensors
-    dq, dk = _rope_backward_op(dq_out, dk_out, cos, sin)
+    dq, dk = _eager.call(_rope_backward_op, _rope_backward_body, dq_out, dk_out, cos, sin)
     q_dtype, k_dtype = ctx.dtypes
     return dq.to(q_dtype), dk.to(k_dtype), None, None
 
 
 _rope_op.register_autograd(_rope_grad, setup_context=_setup_context)
+_rope_apply = _eager.differentiable(_rope_body, _setup_context, _rope_grad, "RoPE")
 
 
 def check_arguments(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str:
@@ -278,4 +284,4 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     why = check_arguments(q, k, cos, sin)
     if why:
         raise ValueError(f"rope: {why}")
-    return _rope_op(_unit_last(q), _unit_last(k), cos, sin)
+    return _rope_apply(_rope_op, _unit_last(q), _unit_last(k), cos, sin)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _guard
+from . import _eager, _guard
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
 from ..settings import triton_interpreting as _interpreting
@@ -141,9 +141,11 @@ def _backward_reference(dy, gate, up, gelu):
     return (dyf * up.float() * slope).to(gate.dtype), (dyf * act).to(up.dtype)
 
 
-@torch.library.custom_op("unsloth_patch::gated_activation", mutates_args=())
-def _gated_op(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+def _gated_body(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
     return _guard.run(KERNEL, _forward_triton, _forward_reference, gate, up, gelu)
+
+
+_gated_op = torch.library.custom_op("unsloth_patch::gated_activation", _gated_body, mutates_args=())
 
 
 @_gated_op.register_fake
@@ -151,10 +153,13 @@ def _(gate, up, gelu):
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("unsloth_patch::gated_activation_backward", mutates_args=())
-def _gated_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                       gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _gated_backward_body(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                         gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _guard.run(KERNEL, _backward_triton, _backward_reference, dy, gate, up, gelu)
+
+
+_gated_backward_op = torch.library.custom_op("unsloth_patch::gated_activation_backward", _gated_backward_body,
+                                             mutates_args=())
 
 
 @_gated_backward_op.register_fake
@@ -170,11 +175,12 @@ def _setup_context(ctx, inputs, output):
 
 def _gated_grad(ctx, dy):
     gate, up = ctx.saved_tensors
-    dgate, dup = _gated_backward_op(_flat(dy), gate, up, ctx.gelu)
+    dgate, dup = _eager.call(_gated_backward_op, _gated_backward_body, _flat(dy), gate, up, ctx.gelu)
     return dgate, dup, None
 
 
 _gated_op.register_autograd(_gated_grad, setup_context=_setup_context)
+_gated_apply = _eager.differentiable(_gated_body, _setup_context, _gated_grad, "GatedActivation")
 
 
 def _backward_into_triton(dy, gate, up, gelu):
@@ -239,7 +245,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "si
     if gate.dtype != up.dtype:
         dtype = torch.promote_types(gate.dtype, up.dtype)
         gate, up = gate.to(dtype), up.to(dtype)
-    return _gated_op(_flat(gate), _flat(up), activation == "gelu_tanh")
+    return _gated_apply(_gated_op, _flat(gate), _flat(up), activation == "gelu_tanh")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -716,25 +716,29 @@ def _backward_reference(do, q, k, v, out, lse, cu_seqlens, max_seqlen, sm_scale,
 
 
 if torch is not None:
+    from . import _eager
 
-    @torch.library.custom_op("unsloth_patch::varlen_attention", mutates_args=())
-    def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      max_seqlen: int, sm_scale: Optional[float], causal: bool, window: Optional[int],
-                      softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                        max_seqlen: int, sm_scale: Optional[float], causal: bool, window: Optional[int],
+                        softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
         return _guard.run(KERNEL, _forward, _forward_reference,
                           q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap)
+
+    _attention_op = torch.library.custom_op("unsloth_patch::varlen_attention", _attention_body, mutates_args=())
 
     @_attention_op.register_fake
     def _(q, k, v, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap):
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
-    @torch.library.custom_op("unsloth_patch::varlen_attention_backward", mutates_args=())
-    def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                               sm_scale: Optional[float], causal: bool, window: Optional[int],
-                               softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _attention_backward_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                 sm_scale: Optional[float], causal: bool, window: Optional[int],
+                                 softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _guard.run(KERNEL, _backward, _backward_reference,
                           do, q, k, v, out, lse, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap)
+
+    _attention_backward_op = torch.library.custom_op("unsloth_patch::varlen_attention_backward",
+                                                     _attention_backward_body, mutates_args=())
 
     @_attention_backward_op.register_fake
     def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, sm_scale, causal, window, softcap):
@@ -747,10 +751,12 @@ if torch is not None:
 
     def _attention_grad(ctx, do, _dlse):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _attention_backward_op(_last_dim_contiguous(do), q, k, v, out, lse, cu_seqlens, *ctx.args)
+        dq, dk, dv = _eager.call(_attention_backward_op, _attention_backward_body,
+                                 _last_dim_contiguous(do), q, k, v, out, lse, cu_seqlens, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
     _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
+    _attention_apply = _eager.differentiable(_attention_body, _setup_context, _attention_grad, "VarlenAttention")
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, causal=True,
@@ -784,6 +790,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, cau
     window = None if window is None else int(window)
     softcap = None if softcap is None else float(softcap)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    out, _ = _attention_op(q, k, v, cu_seqlens, max_seqlen,
+    out, _ = _attention_apply(_attention_op, q, k, v, cu_seqlens, max_seqlen,
                            None if softmax_scale is None else float(softmax_scale), bool(causal), window, softcap)
     return out

@@ -67,7 +67,7 @@ def _rope_inputs():
 
 CASES = {
     "attention": (attention, _attention_inputs, va),
-    "rmsnorm": (norm, lambda: (_leaf(9, 96, seed=4), _leaf(96, seed=5)), rmsnorm),
+    "rmsnorm": (norm, lambda: (_leaf(9, 96, seed=4), torch.nn.Parameter(_leaf(96, seed=5).detach())), rmsnorm),
     "gated": (gated, lambda: (_leaf(7, 130, seed=6), _leaf(7, 130, seed=7)), swiglu),
     "rope": (rotary, _rope_inputs, rope),
 }

@@ -11,7 +11,8 @@ about ten such calls a step. The reference step is host-bound (``docs/kernel-not
 op registers, a plain ``autograd.Function``; :func:`call` picks per call:
 
 * the op itself when ``torch.compile``/``torch.export`` is tracing, a functorch transform is active or
-  any tensor argument is not a plain ``torch.Tensor`` (fake, functional, meta-wrapping subclasses);
+  any tensor argument is neither a plain ``torch.Tensor`` nor an ``nn.Parameter`` (fake, functional and
+  other subclasses);
 * otherwise the body directly (through the ``Function`` where a gradient may be needed).
 
 Both compute the same maths with the same kernels; ``DIRECT = False`` routes every call through the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 DIRECT = True
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a module's weight is a Parameter: plain data, no tracing
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
@@ -32,7 +34,7 @@ def traced(args) -> bool:
     if not DIRECT or torch.compiler.is_compiling() or _functorch_active():
         return True
     for arg in args:
-        if isinstance(arg, torch.Tensor) and type(arg) is not torch.Tensor:
+        if isinstance(arg, torch.Tensor) and type(arg) not in _PLAIN:
             return True
     return False
 

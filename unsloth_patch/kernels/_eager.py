@@ -3,8 +3,8 @@
 Each kernel is a ``torch.library`` custom op with a fake implementation and a registered autograd
 formula, so ``torch.compile``, ``torch.export`` and fake-tensor tracing see one opaque operation.
 In an eager training step that costs host time: a call goes through the dispatcher, the op's Python
-autograd wrapper and a redispatch before it reaches the op's body, about 45 µs a call forward and
-backward on this project's CPU machine (``benchmarks/op_host_cost.py``), and a decoder layer makes
+autograd wrapper and a redispatch before it reaches the op's body, about 90 µs a call, forward and
+backward, on this project's CPU machine (``benchmarks/op_host_cost.py``), and a decoder layer makes
 about ten such calls a step. The reference step is host-bound (``docs/kernel-notes.md``).
 
 :func:`differentiable` builds, from the same body, ``setup_context`` and gradient formula that the

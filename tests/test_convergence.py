@@ -10,6 +10,7 @@ restarting ``position_ids``, TRL's default gradient checkpointing: every logged 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -78,3 +79,55 @@ def test_thirty_steps_on_our_kernels_match_the_plain_run(family, tokenizer, tmp_
         assert abs(a - b) <= 1e-4 * abs(a), (family, step, runs)
     assert runs["fused"][-1] < runs["fused"][0]  # it trained
     assert fallback.failures() == {}  # no kernel fell back to PyTorch on the way
+
+
+@pytest.mark.newest_only  # a minute of CPU compilation; the contract does not depend on the TRL version
+def test_torch_compile_trains_on_our_kernels_with_the_eager_losses(tokenizer, tmp_path, monkeypatch, use_settings,
+                                                                    fusion_on_this_cpu):  # noqa: F811
+    """``SFTConfig(torch_compile=True)`` with the kernels fused: the compiled graph calls our custom ops
+    (their fake implementations trace it, their bodies run it) and trains with the eager run's losses."""
+    from trl import SFTConfig
+
+    import unsloth_patch
+    from unsloth_patch.kernels import _guard
+
+    from .helpers import config_fields
+
+    if "torch_compile" not in config_fields(SFTConfig):
+        pytest.skip("this TRL has no torch_compile")
+    unsloth_patch.apply()
+    use_settings(padding_free="on")
+    real_run = _guard.run
+    monkeypatch.setattr(backends, "choose", lambda *args, **kwargs: "triton")  # the interpreter runs it on a CPU
+    launched = []
+
+    def counted(name, *args):
+        frame, through_op = sys._getframe(1), False  # reached through the torch.library dispatcher?
+        while frame is not None and not through_op:
+            through_op = frame.f_code.co_filename.endswith(os.path.join("_library", "custom_ops.py"))
+            frame = frame.f_back
+        launched.append((name, through_op))
+        return real_run(name, *args)
+
+    monkeypatch.setattr(_guard, "run", counted)
+    dataset = text_dataset(tokenizer, limit=12)
+    runs, kernels, ways = {}, {}, {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        launched.clear()
+        model = build_model("llama", vocab_size=len(tokenizer), hidden_size=64, num_heads=1, num_kv_heads=1,
+                            intermediate_size=80, seed=0)
+        trainer = sft_trainer(model, tokenizer, dataset, sft_config(
+            tmp_path / str(compiled), max_length=32, max_steps=4, learning_rate=3e-3, per_device_train_batch_size=2,
+            bf16=False, torch_compile=compiled))
+        trainer.train()
+        runs[compiled], kernels[compiled] = losses(trainer), {name for name, _ in launched}
+        ways[compiled] = {through_op for _, through_op in launched}
+    eager = {"RMSNorm kernel", "gated activation kernel", "RoPE kernel", "varlen attention kernel"}
+    # under torch.compile the attention forward runs as the class wrote it: inductor fuses its RoPE itself
+    assert kernels[False] == eager and kernels[True] == eager - {"RoPE kernel"}, kernels
+    assert ways == {False: {False}, True: {True}}  # eager: the bodies directly; compiled: only through the ops
+    assert len(runs[True]) == len(runs[False]) == 4
+    for a, b in zip(runs[False], runs[True]):
+        assert abs(a - b) <= 1e-4 * abs(a), runs
+    assert fallback.failures() == {}

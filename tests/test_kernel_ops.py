@@ -172,3 +172,27 @@ def test_fake_tensors_go_through_the_op(name):
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in real]
         out = function(*fake)
     assert type(out) is not torch.Tensor and out.shape == expected.shape and out.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_dispatch_mode_sees_one_opaque_op(name):
+    """Under a TorchDispatchMode (selective checkpointing's caches, FLOP counters) the call is the custom op,
+    forward and backward, as the mode expects: it could not see a Triton launch inside a direct call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    function, make, _ = CASES[name]
+    expected = _run(function, make())
+    with Seen() as seen:
+        got = _run(function, make())
+    ours = [op for op in seen.ops if op.startswith("unsloth_patch.")]
+    assert len(ours) == 2 and ours[1].split(".")[1].endswith("_backward"), seen.ops
+    assert torch.equal(got[0], expected[0]) and all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))

@@ -10,7 +10,9 @@ about ten such calls a step. The reference step is host-bound (``docs/kernel-not
 :func:`differentiable` builds, from the same body, ``setup_context`` and gradient formula that the
 op registers, a plain ``autograd.Function``; :func:`call` picks per call:
 
-* the op itself when ``torch.compile``/``torch.export`` is tracing, a functorch transform is active or
+* the op itself when ``torch.compile``/``torch.export`` is tracing, a functorch transform or a
+  ``TorchDispatchMode`` is active (selective checkpointing's caching modes, a FLOP counter, fake-tensor
+  modes: they expect one opaque op, and cannot see a Triton launch), or
   any tensor argument is neither a plain ``torch.Tensor`` nor an ``nn.Parameter`` (fake, functional and
   other subclasses);
 * otherwise the body directly (through the ``Function`` where a gradient may be needed).
@@ -27,11 +29,12 @@ DIRECT = True
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a module's weight is a Parameter: plain data, no tracing
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)  # unknown: assume a mode
 
 
 def traced(args) -> bool:
     """Whether these arguments need the custom op: something traces, or a tensor is not a plain one."""
-    if not DIRECT or torch.compiler.is_compiling() or _functorch_active():
+    if not DIRECT or torch.compiler.is_compiling() or _functorch_active() or _dispatch_modes():
         return True
     for arg in args:
         if isinstance(arg, torch.Tensor) and type(arg) not in _PLAIN:

@@ -120,3 +120,15 @@ def fusion_on_this_cpu(monkeypatch):
     monkeypatch.setattr(layers, "_triton_available", lambda: True)
     monkeypatch.setattr(layers, "_model_reason", lambda model: None)
     monkeypatch.setattr(layers, "_runs_here", lambda tensor: True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_fallbacks():
+    """Autouse wherever imported: no kernel's earlier fallback or the plugin's earlier log lines carry over."""
+    from unsloth_patch import fallback
+    from unsloth_patch import log as plugin_log_module
+
+    fallback.reset()
+    plugin_log_module.forget()
+    yield
+    fallback.reset()

@@ -21,22 +21,13 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from unsloth_patch import fallback, layers  # noqa: E402
-from unsloth_patch import log as plugin_log_module  # noqa: E402
 from unsloth_patch.attention import backends  # noqa: E402
 from unsloth_patch.tiny import available_families, build_model  # noqa: E402
 
-from .helpers import fusion_on_this_cpu, losses, sft_config, sft_trainer, text_dataset, use_settings  # noqa: E402,F401
+from .helpers import fresh_fallbacks, fusion_on_this_cpu, losses, sft_config, sft_trainer, text_dataset, use_settings  # noqa: E402,F401
 
 pytestmark = pytest.mark.kernels
 STEPS = 30
-
-
-@pytest.fixture(autouse=True)
-def fresh():
-    fallback.reset()
-    plugin_log_module.forget()
-    yield
-    fallback.reset()
 
 
 @pytest.mark.parametrize("family", available_families())

@@ -18,11 +18,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from unsloth_patch import fallback  # noqa: E402
-from unsloth_patch import log as plugin_log_module  # noqa: E402
 from unsloth_patch.kernels import rmsnorm, rope, swiglu  # noqa: E402
 
-from .helpers import plugin_log  # noqa: E402
+from .helpers import fresh_fallbacks, plugin_log  # noqa: E402,F401
 
 va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
 pytestmark = pytest.mark.kernels
@@ -77,14 +75,6 @@ def _run(function, inputs):
     out = function(*inputs)
     out.backward(torch.ones_like(out) * 0.5)
     return out.detach(), [t.grad.clone() for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
-@pytest.fixture(autouse=True)
-def fresh():
-    fallback.reset()
-    plugin_log_module.forget()
-    yield
-    fallback.reset()
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -19,25 +19,16 @@ import pytest
 import torch
 
 from unsloth_patch import fallback, layers, rope_fusion
-from unsloth_patch import log as plugin_log_module
 from unsloth_patch.edits import Edits
 from unsloth_patch.kernels import rope as rope_kernel
 from unsloth_patch.settings import Settings
 from unsloth_patch.tiny import available_families, build_model
 
-from .helpers import losses, plugin_log, sft_config, sft_trainer, text_dataset, use_settings  # noqa: F401
+from .helpers import fresh_fallbacks, losses, plugin_log, sft_config, sft_trainer, text_dataset, use_settings  # noqa: F401
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ["reference", pytest.param("triton", marks=pytest.mark.kernels)]
 ONLY_ROPE = Settings(kernels_off=("rmsnorm", "swiglu"))
-
-
-@pytest.fixture(autouse=True)
-def fresh():
-    fallback.reset()
-    plugin_log_module.forget()
-    yield
-    fallback.reset()
 
 
 @pytest.fixture

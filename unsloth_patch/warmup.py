@@ -19,6 +19,7 @@ import time
 from typing import Optional
 
 from . import log
+from .gc_freeze import quick_collections
 
 _lock = threading.Lock()
 _thread: Optional[threading.Thread] = None
@@ -210,14 +211,17 @@ def pending() -> bool:
 
 
 def wait(timeout: float = 300.0) -> Optional[dict]:
-    """Before the first launch: let a running warm-up finish (so nothing compiles twice)."""
+    """Before the first launch: let a running warm-up finish (so nothing compiles twice). While the
+    main thread waits, collections pass over the compile threads' new objects only: a full one would
+    hold the GIL they need for 0.25-0.4 s (``gc_freeze``)."""
     with _lock:
         threads = [t for t in (_thread, *_tasks) if t is not None]
     if not threads:
         return None
     deadline = time.perf_counter() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.perf_counter()))
+    with quick_collections():
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.perf_counter()))
     with _lock:
         _tasks[:] = [t for t in _tasks if t.is_alive()]
         return dict(_outcome)

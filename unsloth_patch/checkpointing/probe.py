@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..gc_freeze import quick_collections  # noqa: F401  (re-exported by the package)
 from . import estimate
 from .functions import install, restore_checkpointing, snapshot_checkpointing
 from .meter import CudaBytes, LiveBytes, boundary
@@ -304,21 +305,6 @@ def release(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def quick_collections():
-    """While the block runs, garbage collections pass over the objects that existed before it (``gc.freeze``):
-    what a probe step leaves is the step's own, and a full collection of a process that holds a model, its
-    tokenizer and its datasets costs a good part of a small step. Not when the process froze objects itself."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def floor_bytes(model) -> int:

@@ -1,0 +1,78 @@
+"""Our start-up work (waiting for the compile threads, the probe) collects only the garbage it made:
+the objects the process held before are frozen for the block, and given back after it."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+
+from unsloth_patch import warmup
+from unsloth_patch.gc_freeze import quick_collections
+
+
+class Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def unreachable_cycle() -> weakref.ref:
+    """A reference cycle that only a garbage collection can free, seen through a weak reference."""
+    return weakref.ref(Cycle())
+
+
+@pytest.fixture(autouse=True)
+def _no_freeze_left():
+    assert gc.get_freeze_count() == 0
+    yield
+    assert gc.get_freeze_count() == 0  # every block gave its objects back
+
+
+def test_inside_the_block_old_garbage_waits_and_new_garbage_is_collected():
+    old = unreachable_cycle()  # garbage from before the block: frozen with the rest of the process
+    with quick_collections():
+        assert gc.get_freeze_count() > 0
+        new = unreachable_cycle()  # the block's own garbage
+        gc.collect()
+        assert new() is None
+        assert old() is not None
+    gc.collect()  # after the block, a full collection sees the old objects again
+    assert old() is None
+
+
+def test_a_freeze_of_the_users_is_left_as_it_is():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with quick_collections():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_the_block_gives_the_objects_back_after_an_error():
+    with pytest.raises(ZeroDivisionError):
+        with quick_collections():
+            1 / 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_waiting_for_the_compile_threads_freezes_what_existed_before(monkeypatch):
+    seen, release = [], threading.Event()
+
+    def compile_thread():
+        release.wait()
+        seen.append(gc.get_freeze_count())
+
+    thread = threading.Thread(target=compile_thread, daemon=True)
+    monkeypatch.setattr(warmup, "_thread", thread)
+    monkeypatch.setattr(warmup, "_tasks", [])
+    thread.start()
+    assert warmup.pending()
+    release.set()
+    warmup.wait(timeout=30)
+    assert seen and seen[0] > 0  # the thread ran while the main thread's wait held the freeze
+    assert gc.get_freeze_count() == 0 and not warmup.pending()

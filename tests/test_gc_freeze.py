@@ -31,13 +31,17 @@ def _no_freeze_left():
 
 
 def test_inside_the_block_old_garbage_waits_and_new_garbage_is_collected():
-    old = unreachable_cycle()  # garbage from before the block: frozen with the rest of the process
-    with quick_collections():
-        assert gc.get_freeze_count() > 0
-        new = unreachable_cycle()  # the block's own garbage
-        gc.collect()
-        assert new() is None
-        assert old() is not None
+    gc.disable()  # no automatic collection between making the old garbage and the block
+    try:
+        old = unreachable_cycle()  # garbage from before the block: frozen with the rest of the process
+        with quick_collections():
+            assert gc.get_freeze_count() > 0
+            new = unreachable_cycle()  # the block's own garbage
+            gc.collect()
+            assert new() is None
+            assert old() is not None
+    finally:
+        gc.enable()
     gc.collect()  # after the block, a full collection sees the old objects again
     assert old() is None
 

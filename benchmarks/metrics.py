@@ -13,6 +13,7 @@ peers, ours): the instance's ``training_step`` is wrapped to count each micro-ba
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -141,7 +142,7 @@ class _Watch:
     calls while the block runs. Each part is left out where the installed version lacks it."""
 
     def __init__(self):
-        self.collections = []  # (start, seconds, generation)
+        self.collections = []  # (start, seconds, generation, objects frozen at its start, collected, thread)
         self.compiles = []  # (time, kernel)
         self._gc_start = None
         self._knobs = None
@@ -154,7 +155,10 @@ class _Watch:
             self._gc_start = time.perf_counter()
         elif self._gc_start is not None:
             now = time.perf_counter()
-            self.collections.append((self._gc_start, now - self._gc_start, info.get("generation")))
+            # whether older objects were frozen (``gc.freeze``) and on which thread: a full collection that
+            # costs as much frozen as not says its time goes elsewhere than the frozen objects
+            self.collections.append((self._gc_start, now - self._gc_start, info.get("generation"),
+                                     gc.get_freeze_count(), info.get("collected"), threading.current_thread().name))
             self._gc_start = None
 
     def _on_compile(self, *args, **kwargs):
@@ -201,8 +205,8 @@ class _Watch:
         return False
 
     def report(self, start: float) -> dict:
-        return {"gc": [(round(t - start, 4), round(d, 5), g) for t, d, g in self.collections],
-                "gc_s": round(sum(d for _, d, _ in self.collections), 5),
+        return {"gc": [(round(t - start, 4), round(d, 5), *rest) for t, d, *rest in self.collections],
+                "gc_s": round(sum(d for _, d, *_ in self.collections), 5),
                 "triton_compiles": [(round(t - start, 4), name) for t, name in self.compiles]
                 if self._knobs is not None else None,
                 "allocator": self._alloc}

@@ -392,7 +392,10 @@ def report(results: pathlib.Path, markdown, png) -> str:
     """Tables per model: cold and warm whole-run (wall-clock), steady, peak; ratios within one call."""
     repeats: dict = {}
     for path in sorted(results.glob("*.json")):
-        r = _normalized(json.loads(path.read_text()))
+        r = json.loads(path.read_text())
+        if "config" not in r:  # another script's output kept beside the runs (e.g. a kernel check)
+            continue
+        r = _normalized(r)
         phase = r.get("phase", "cold")
         repeats.setdefault(r["model"], {}).setdefault(r["config"], {}).setdefault(phase, []).append(r)
     runs = {model: {name: {phase: _median_run(rs) for phase, rs in phases.items()} for name, phases in by.items()}

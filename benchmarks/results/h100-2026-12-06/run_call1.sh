@@ -1,5 +1,5 @@
 #!/bin/bash
-# 2026-12-06, call 1. Carry: .whl (../shared/gpu-wheels.sh + bitsandbytes 0.50.2 with only its CUDA 13.0
+# 2026-12-06, call 1 (ran on an NVIDIA H100 80GB HBM3: the H200 asked for could not be had). Carry: .whl (../shared/gpu-wheels.sh + bitsandbytes 0.50.2 with only its CUDA 13.0
 # library kept, to fit the 64 MiB a call carries), benchmarks/out/data, .dev (.dev/base-op = `git archive
 # c119cd5 unsloth_patch`: every kernel call through its torch.library op; .dev/base-head = `git archive 473c7aa
 # unsloth_patch`: the build before the warm-up wait's gc.freeze).

@@ -1,5 +1,5 @@
 #!/bin/bash
-# 2026-12-06, call 2. Carry: .whl (as call 1, bitsandbytes included), .whl-peers-b (benchmarks/peers.sh, with the
+# 2026-12-06, call 2 as prepared; NOT RUN (too little device time was left: run_call2b.sh ran instead). Carry: .whl (as call 1, bitsandbytes included), .whl-peers-b (benchmarks/peers.sh, with the
 # unsloth wheel's studio/ folder taken out: the Studio web app, never imported on the training path; 64 MiB carry
 # limit), benchmarks/out/data. LoRA r=16 and QLoRA nf4: stock TRL, Unsloth 2026.10.9 and this build, the budget rows
 # set to Unsloth's measured peak (memory-matched), each in a fresh process, in one `all` run (the budget rows read

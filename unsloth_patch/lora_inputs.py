@@ -90,6 +90,17 @@ def _is_lora_layer(module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
 
 
+def is_lora_layer(module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer (adapters beside a base layer), of any type."""
+    return _is_lora_layer(module)
+
+
+def keeps_input(module) -> bool:
+    """Whether this edit is on ``module`` now: its adapters read the very tensor the base layer reads while
+    autocast runs in that tensor's dtype (no dropout, no cast copy for autograd to save)."""
+    return getattr(vars(module).get("_cast_input_dtype"), "__func__", None) is _kept_input
+
+
 def keep_input_dtype(model, edits) -> dict:
     """Edit every eligible LoRA layer of ``model`` through ``edits``; ``{"edited": n, "kept": {name: why}}``."""
     edited, kept = 0, {}

@@ -16,8 +16,10 @@ higher than HF's modules or ours keep it:
   k with its rotated copies and v (``4 · kv``), the log-sum-exp (fp32 per head); q/k norms where the
   family has them; attention that keeps O(tokens), never a tokens × tokens matrix;
 * the gated MLP: gate, up, the activation and their product (``4 · intermediate``);
-* LoRA: a dropped-out copy of every adapted input and its one-byte mask, counted whatever the
-  dropout.
+* LoRA: the adapters' low-rank activations (``x @ A.T``, rank x ``b`` per adapted projection), and,
+  unless every adapter reads the very tensor its base layer reads (this ``train()``'s
+  ``lora_inputs`` edit on every LoRA layer: no dropout, no float32 cast), a copy of every adapted
+  input and a one-byte mask (PEFT's cast and dropout).
 
 Plus the embedding output and final norm, one more layer's worth as backward workspace, the
 logits (``vocab · (2b + 20)`` per token: the logits, their fp32 upcast, log-probabilities, the
@@ -55,6 +57,8 @@ class StepShape:
     resident_bytes: int  # allocated before the step: weights, buffers, whatever else the process holds
     gradient_bytes: int  # gradients of the trainable parameters
     lora: bool = False
+    lora_input_copies: bool = True  # LoRA adapters may keep copies of their inputs (PEFT's cast, dropout)
+    lora_rank_bytes: int = 0  # per token, the adapters' low-rank activations summed over every LoRA layer
     quantized: bool = False
     experts: int = 0  # > 0: a mixture of experts
 
@@ -85,7 +89,7 @@ def layer_bytes_per_token(shape: StepShape) -> int:
     if shape.model_type in QK_NORM_FAMILIES:
         total += 12 * (q + kv)
     total += 4 * shape.intermediate * b
-    if shape.lora:  # the inputs of q, k, v, o, gate, up and down, each with its own dropout copy and mask
+    if shape.lora and shape.lora_input_copies:  # q, k, v, o, gate, up and down's inputs: a copy and a mask each
         total += (b + 1) * (3 * shape.hidden + q + 2 * shape.hidden + shape.intermediate)
     return total
 
@@ -98,5 +102,6 @@ def upper_bound(shape: StepShape) -> Optional[int]:
     per_token = (shape.layers + 1) * layer_bytes_per_token(shape)  # + one layer of backward workspace
     per_token += 14 * shape.hidden  # embedding output, final norm
     per_token += shape.vocab * (2 * b + 20)
+    per_token += shape.lora_rank_bytes
     dynamic = shape.tokens * per_token + shape.gradient_bytes
     return int(shape.resident_bytes + ROUNDING * dynamic)

@@ -42,6 +42,7 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
     else:
         floating = [p for p in parameters if p.is_floating_point()]
         activation = floating[0].element_size() if floating else 4
+    lora = hasattr(model, "peft_config")
     quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                      or getattr(config, "quantization_config", None) is not None
                      or any(not p.is_floating_point() for p in parameters))
@@ -59,7 +60,50 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
         activation_bytes=activation,
         resident_bytes=resident,
         gradient_bytes=trainable,
-        lora=hasattr(model, "peft_config"),
+        lora=lora,
+        lora_input_copies=lora and not _adapters_read_base_inputs(model, mixed),
+        lora_rank_bytes=_low_rank_bytes(model, activation) if lora else 0,
         quantized=quantized,
         experts=max(size(name) for name in _EXPERT_FIELDS),
     )
+
+
+def _lora_layers(model) -> list:
+    from ..lora_inputs import is_lora_layer
+
+    return [m for m in model.modules() if is_lora_layer(m)]
+
+
+def _adapters_read_base_inputs(model, mixed) -> bool:
+    """Whether, under autocast, every LoRA layer's adapters read the very tensor its base layer reads, so
+    that they keep no copy of it: this ``train()``'s ``lora_inputs`` edit is on every one (which implies no
+    dropout and PEFT's plain layer), and the model computes in the autocast dtype already (its embeddings
+    and base weights in it), so autocast casts no input either. Anything else (dropout, DoRA, the edit
+    turned off, no autocast, float32 weights under autocast) counts the copies."""
+    import torch
+
+    from ..lora_inputs import keeps_input
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    layers = _lora_layers(model)
+    if dtype is None or not layers:
+        return False
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weights = [getattr(m.base_layer, "weight", None) for m in layers]
+    if embeddings is not None:
+        weights.append(getattr(embeddings, "weight", None))
+    return (all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in weights)
+            and all(keeps_input(m) for m in layers))
+
+
+def _low_rank_bytes(model, activation: int) -> int:
+    """Per token: the adapters' low-rank activations (``x @ A.T``) of every LoRA layer's active adapters."""
+    total = 0
+    for module in _lora_layers(model):
+        ranks = getattr(module, "r", None)
+        active = getattr(module, "active_adapters", None) or ()
+        if isinstance(active, str):
+            active = (active,)
+        if isinstance(ranks, dict):
+            total += sum(int(ranks.get(name, 0)) for name in active)
+    return total * max(activation, 4)  # float32 adapters may keep it in float32

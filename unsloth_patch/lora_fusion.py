@@ -29,7 +29,7 @@ import types
 from typing import Optional
 
 from . import fallback, source_ast
-from .lora_inputs import LORA_LINEAR, autocast_state
+from .lora_inputs import LORA_LINEAR, autocast_state, is_lora_layer
 
 _LORA_4BIT = ("peft.tuners.lora.bnb", "Linear4bit")  # PEFT's LoRA layer on a bitsandbytes 4-bit base
 
@@ -280,16 +280,12 @@ def _sibling_calls(cls) -> tuple:
     return tuple(tuple(names) for names in by_argument.values() if len(names) > 1)
 
 
-def _is_lora_layer(module) -> bool:
-    return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
-
-
 def fuse(model, edits) -> dict:
     """Give every eligible LoRA layer of ``model`` the fused forward and group siblings, through ``edits``;
     ``{"fused": n, "grouped": m, "kept": {name: why}, "reason": ...}``."""
     fused, kept = {}, {}
     for name, module in model.named_modules():
-        if not _is_lora_layer(module):
+        if not is_lora_layer(module):
             continue
         if is_fused(module):
             fused[id(module)] = module

@@ -86,13 +86,9 @@ def layer_reason(module) -> Optional[str]:
     return None
 
 
-def _is_lora_layer(module) -> bool:
-    return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
-
-
 def is_lora_layer(module) -> bool:
     """Whether ``module`` is a PEFT LoRA layer (adapters beside a base layer), of any type."""
-    return _is_lora_layer(module)
+    return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
 
 
 def keeps_input(module) -> bool:
@@ -105,7 +101,7 @@ def keep_input_dtype(model, edits) -> dict:
     """Edit every eligible LoRA layer of ``model`` through ``edits``; ``{"edited": n, "kept": {name: why}}``."""
     edited, kept = 0, {}
     for name, module in model.named_modules():
-        if not _is_lora_layer(module):
+        if not is_lora_layer(module):
             continue
         why = layer_reason(module)
         if why is not None:

@@ -16,10 +16,10 @@ higher than HF's modules or ours keep it:
   k with its rotated copies and v (``4 · kv``), the log-sum-exp (fp32 per head); q/k norms where the
   family has them; attention that keeps O(tokens), never a tokens × tokens matrix;
 * the gated MLP: gate, up, the activation and their product (``4 · intermediate``);
-* LoRA: the adapters' low-rank activations (``x @ A.T``, rank x ``b`` per adapted projection), and,
-  unless every adapter reads the very tensor its base layer reads (this ``train()``'s
-  ``lora_inputs`` edit on every LoRA layer: no dropout, no float32 cast), a copy of every adapted
-  input and a one-byte mask (PEFT's cast and dropout).
+* LoRA: the adapters' low-rank activations (``x @ A.T``, the rank per adapted projection, counted
+  in float32), and, unless every adapter reads the very tensor its base layer reads (this
+  ``train()``'s ``lora_inputs`` edit on every LoRA layer: no dropout, no float32 cast), a copy of
+  every adapted input and a one-byte mask (PEFT's cast and dropout).
 
 Plus the embedding output and final norm, one more layer's worth as backward workspace, the
 logits (``vocab · (2b + 20)`` per token: the logits, their fp32 upcast, log-probabilities, the

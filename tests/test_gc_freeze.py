@@ -47,14 +47,24 @@ def test_inside_the_block_old_garbage_waits_and_new_garbage_is_collected():
 
 
 def test_a_freeze_of_the_users_is_left_as_it_is():
-    gc.freeze()
+    """The block neither freezes on top of the user's freeze nor undoes it: what the user froze stays out
+    of every collection, during the block and after it."""
+    gc.disable()  # no automatic collection before the user's freeze
     try:
-        frozen = gc.get_freeze_count()
-        with quick_collections():
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen
+        theirs = unreachable_cycle()
+        gc.freeze()
+        try:
+            with quick_collections():
+                gc.collect()
+                assert theirs() is not None
+            gc.collect()
+            assert theirs() is not None  # still frozen: the block did not unfreeze the user's objects
+        finally:
+            gc.unfreeze()
     finally:
-        gc.unfreeze()
+        gc.enable()
+    gc.collect()
+    assert theirs() is None
 
 
 def test_the_block_gives_the_objects_back_after_an_error():

@@ -33,8 +33,9 @@ from .estimate import Step, extrapolate, step_sizes
 from .meter import CudaBytes, LiveBytes, boundary, memory_cap
 from .policy import (GIB, POLICIES, SAFETY_MARGIN, Decision, ProbeOutOfMemory, agree, agree_across_ranks, budget_for,
                      choose, fits, is_out_of_memory, last_decision, oom_types, optimizer_state_bytes, remember)
+from ..gc_freeze import quick_collections
 from .probe import (ProbeBatch, RestorePoint, autocast_for, floor_bytes, make_batch, measure, model_loss,
-                    predicted_peak, quick_collections, release, run_probe)
+                    predicted_peak, release, run_probe)
 from .ladder import Ladder
 
 _LiveBytes = LiveBytes  # the name the tests and benchmarks knew

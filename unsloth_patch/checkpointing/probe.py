@@ -16,7 +16,6 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..gc_freeze import quick_collections  # noqa: F401  (re-exported by the package)
 from . import estimate
 from .functions import install, restore_checkpointing, snapshot_checkpointing
 from .meter import CudaBytes, LiveBytes, boundary

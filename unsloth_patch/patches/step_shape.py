@@ -43,6 +43,7 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
         floating = [p for p in parameters if p.is_floating_point()]
         activation = floating[0].element_size() if floating else 4
     lora = hasattr(model, "peft_config")
+    lora_layers = _lora_layers(model) if lora else []
     quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                      or getattr(config, "quantization_config", None) is not None
                      or any(not p.is_floating_point() for p in parameters))
@@ -61,8 +62,8 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
         resident_bytes=resident,
         gradient_bytes=trainable,
         lora=lora,
-        lora_input_copies=lora and not _adapters_read_base_inputs(model, mixed),
-        lora_rank_bytes=_low_rank_bytes(model, activation) if lora else 0,
+        lora_input_copies=lora and not _adapters_read_base_inputs(model, lora_layers, mixed),
+        lora_rank_bytes=_low_rank_bytes(lora_layers, activation),
         quantized=quantized,
         experts=max(size(name) for name in _EXPERT_FIELDS),
     )
@@ -74,7 +75,7 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if is_lora_layer(m)]
 
 
-def _adapters_read_base_inputs(model, mixed) -> bool:
+def _adapters_read_base_inputs(model, layers, mixed) -> bool:
     """Whether, under autocast, every LoRA layer's adapters read the very tensor its base layer reads, so
     that they keep no copy of it: this ``train()``'s ``lora_inputs`` edit is on every one (which implies no
     dropout and PEFT's plain layer), and the model computes in the autocast dtype already (its embeddings
@@ -85,7 +86,6 @@ def _adapters_read_base_inputs(model, mixed) -> bool:
     from ..lora_inputs import keeps_input
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
-    layers = _lora_layers(model)
     if dtype is None or not layers:
         return False
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -96,10 +96,10 @@ def _adapters_read_base_inputs(model, mixed) -> bool:
             and all(keeps_input(m) for m in layers))
 
 
-def _low_rank_bytes(model, activation: int) -> int:
-    """Per token: the adapters' low-rank activations (``x @ A.T``) of every LoRA layer's active adapters."""
+def _low_rank_bytes(layers, activation: int) -> int:
+    """Per token: the adapters' low-rank activations (``x @ A.T``) of the LoRA layers' active adapters."""
     total = 0
-    for module in _lora_layers(model):
+    for module in layers:
         ranks = getattr(module, "r", None)
         active = getattr(module, "active_adapters", None) or ()
         if isinstance(active, str):

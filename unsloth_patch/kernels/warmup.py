@@ -133,32 +133,52 @@ def _norm_backward(spec: NormSpec, device) -> None:
     rms._backward_triton(normal_like(gen, x), x, weight, rstd, spec.offset)
 
 
-def _gated(spec: GatedSpec, device) -> None:
-    sw = importlib.import_module("unsloth_patch.kernels.swiglu")
+def _gated_inputs(spec: GatedSpec, device):
     gen = own_generator(device)
     gate = normal(gen, 4, 256, device=device, dtype=spec.dtype)
-    up = normal_like(gen, gate)
-    y = sw._forward_triton(gate, up, spec.gelu)
-    sw._backward_triton(normal_like(gen, y), gate, up, spec.gelu)
+    return gen, gate, normal_like(gen, gate)
 
 
-def _rope(spec: RopeSpec, device) -> None:
-    rp = importlib.import_module("unsloth_patch.kernels.rope")
+def _gated_forward(spec: GatedSpec, device) -> None:
+    sw = importlib.import_module("unsloth_patch.kernels.swiglu")
+    _, gate, up = _gated_inputs(spec, device)
+    sw._forward_triton(gate, up, spec.gelu)
+
+
+def _gated_backward(spec: GatedSpec, device) -> None:
+    sw = importlib.import_module("unsloth_patch.kernels.swiglu")
+    gen, gate, up = _gated_inputs(spec, device)
+    sw._backward_triton(normal_like(gen, gate), gate, up, spec.gelu)
+
+
+def _rope_inputs(spec: RopeSpec, device):
     tokens = 7
     # laid out as transformers lays them out: view(B, T, H, D).transpose(1, 2) of the projections
     gen = own_generator(device)
     q = normal(gen, 1, tokens, spec.heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
     k = normal(gen, 1, tokens, spec.kv_heads, spec.head_dim, device=device, dtype=spec.dtype).transpose(1, 2)
     cos = normal(gen, 1, tokens, spec.head_dim, device=device, dtype=spec.table_dtype)
-    sin = normal_like(gen, cos)
-    q_out, k_out = rp._forward_triton(q, k, cos, sin)
-    rp._backward_triton(normal_like(gen, q_out), normal_like(gen, k_out), cos, sin)
+    return gen, q, k, cos, normal_like(gen, cos)
 
 
-# the launches of each kind of spec, each compiling kernels of its own (so they may run at once)
+def _rope_forward(spec: RopeSpec, device) -> None:
+    rp = importlib.import_module("unsloth_patch.kernels.rope")
+    _, q, k, cos, sin = _rope_inputs(spec, device)
+    rp._forward_triton(q, k, cos, sin)
+
+
+def _rope_backward(spec: RopeSpec, device) -> None:
+    rp = importlib.import_module("unsloth_patch.kernels.rope")
+    gen, q, k, cos, sin = _rope_inputs(spec, device)
+    # gradients laid out as the forward's outputs (``empty_like`` of q and k)
+    rp._backward_triton(normal_like(gen, q), normal_like(gen, k), cos, sin)
+
+
+# the launches of each kind of spec, each compiling kernels of its own (so they may run at once: a forward
+# and its backward are separate launches, else the backward's compile waits for the forward's)
 _LAUNCHES = {AttentionSpec: (_attention_forward, _attention_backward_delta, _attention_backward_kv,
                              _attention_backward_q), NormSpec: (_norm_forward, _norm_backward),
-             GatedSpec: (_gated,), RopeSpec: (_rope,)}
+             GatedSpec: (_gated_forward, _gated_backward), RopeSpec: (_rope_forward, _rope_backward)}
 
 
 def warm_up(specs, device, parallel: bool = True) -> list:

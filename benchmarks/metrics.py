@@ -55,6 +55,9 @@ class RunTimes:
         return out
 
 
+_EARLY_STEPS = 5
+
+
 class RunMeter:
     """Attach to a built trainer, then ``meter.train()`` in place of ``trainer.train()``."""
 
@@ -65,6 +68,7 @@ class RunMeter:
         self.synchronize = synchronize or _synchronizer()
         self.step_times: list = []
         self.micro_tokens: list = []
+        self.early_allocs: list = []  # the CUDA allocator's device allocations by the end of each of the first steps
         meter = self
 
         class _Steps(TrainerCallback):
@@ -75,6 +79,10 @@ class RunMeter:
             def on_step_end(self, *args, **kwargs):
                 meter.synchronize()
                 meter.step_times[-1][1] = time.perf_counter()
+                if len(meter.step_times) <= _EARLY_STEPS:
+                    stats = _Watch._allocator()
+                    if stats is not None:
+                        meter.early_allocs.append(stats["num_device_alloc"])
 
         trainer.add_callback(_Steps())
         step = trainer.training_step
@@ -106,6 +114,10 @@ class RunMeter:
                "between_steps_s": [round(n[0] - p[1], 5) for p, n in zip(self.step_times, self.step_times[1:])
                                    if p[1] is not None]}
         out.update(self.watch.report(self.start))
+        alloc = self.watch.alloc_before()
+        if self.early_allocs and alloc is not None:  # cudaMalloc calls in each of the first steps (step 0: from train())
+            counts = [alloc] + self.early_allocs
+            out["early_step_device_allocs"] = [b - a for a, b in zip(counts, counts[1:])]
         return out
 
     def times(self, output) -> RunTimes:
@@ -194,6 +206,10 @@ class _Watch:
             self._knobs = None
         self._alloc_before = self._allocator()
         return self
+
+    def alloc_before(self):
+        """The allocator's device allocations when ``train()`` was called (None off a GPU)."""
+        return (self._alloc_before or {}).get("num_device_alloc")
 
     def __exit__(self, *exc):
         gc.callbacks.remove(self._on_gc)

@@ -11,7 +11,8 @@ epoch.
     python benchmarks/sft.py report --results OUT --markdown docs/benchmark-training.md --png docs/...png
 
 Metrics per configuration: real (non-pad) tokens/s over the whole run (compilation and warm-up
-included) and in steady state (steps after the first 10%), peak GPU memory, loss at every step.
+included) and in steady state (wall-clock over the steps after the first 10%, the host work between
+them included; ``metrics.py``), peak GPU memory, loss at every step.
 """
 
 from __future__ import annotations
@@ -381,7 +382,8 @@ def run_all(args) -> None:
         if r.get("peak_gib") is not None:
             peaks.setdefault(name, r["peak_gib"])
         policy = (r.get("checkpointing") or {}).get("policy")
-        print(f"   whole (wall-clock) {r['tokens_per_s_whole']:.0f} tok/s, steady {r['tokens_per_s_steady'] or 0:.0f}, "
+        print(f"   whole (wall-clock) {r['tokens_per_s_whole']:.0f} tok/s, steady {r['tokens_per_s_steady'] or 0:.0f} "
+              f"(steps only {r.get('tokens_per_s_steady_steps') or 0:.0f}), "
               f"train_runtime-based {r['tokens_per_s_train_runtime']:.0f}, start-up {r['startup_s']:.1f}s, "
               f"peak {r['peak_gib'] or 0:.1f} GiB{', policy ' + policy if policy else ''}, "
               f"final loss {r['final_loss']:.4f}, {time.time() - started:.0f}s", flush=True)
@@ -418,18 +420,19 @@ def report(results: pathlib.Path, markdown, png) -> str:
             lines.append(f"### {model} ({some['params'] / 1e9:.2f}B parameters) — {some['card']}, "
                          f"{date}torch {some['versions']['torch']}, transformers "
                          f"{some['versions']['transformers']}, TRL {some['versions']['trl']}\n")
-        lines.append("| configuration | whole-run tok/s, cold | whole-run tok/s, warm | steady tok/s | "
+        lines.append("| configuration | whole-run tok/s, cold | whole-run tok/s, warm | steady tok/s | whole / steady | "
                      "x stock (cold) | x stock (steady) | "  # against the matching stock row
                      "x best peer of its kind (steady) | "
-                     "start-up s | tok/s by train_runtime | peak GiB | final loss | max rel. loss diff vs stock |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     "start-up s | build s | tok/s by train_runtime | peak GiB | final loss | "
+                     "max rel. loss diff vs stock |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name in CONFIGS:
             phases = by_name.get(name)
             if phases is None or "cold" not in phases:
                 continue
             r = phases["cold"]
             if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||||||")
+                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||||||||")
                 continue
             warm = phases.get("warm")
             warm_text = f"{warm['tokens_per_s_whole']:,.0f}" if warm and "error" not in warm else ""
@@ -441,15 +444,18 @@ def report(results: pathlib.Path, markdown, png) -> str:
                 pairs = list(zip(stock["losses"], r["losses"]))
                 diff = f"{max(abs(a - b) / abs(a) for a, b in pairs):.2%}" if pairs else ""
             label = f"{name} (median of {r['runs']})" if r.get("runs", 1) > 1 else name
-            vs_stock = (f"{whole / stock['tokens_per_s_whole']:.2f}x | {steady / stock['tokens_per_s_steady']:.2f}x"
-                        if stock else " | ")
+            stock_steady = stock and stock["tokens_per_s_steady"]
+            vs_stock = (f"{whole / stock['tokens_per_s_whole']:.2f}x | "
+                        f"{f'{steady / stock_steady:.2f}x' if stock_steady and steady else ''}" if stock else " | ")
             best_peer = best_peers.get(_kind(name))
             vs_peer = (f"{steady / best_peer['tokens_per_s_steady']:.2f}x ({best_peer['config']})"
-                       if best_peer and best_peer is not r else "")
+                       if best_peer and best_peer is not r and best_peer["tokens_per_s_steady"] and steady else "")
+            ratio = f"{whole / steady:.2f}" if steady else ""
+            build = "" if r.get("build_s") is None else f"{r['build_s']:.1f}"
             peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
             startup = "" if r.get("startup_s") is None else f"{r['startup_s']:.1f}"
-            lines.append(f"| {label} | {whole:,.0f} | {warm_text} | {steady:,.0f} | {vs_stock} | {vs_peer} | "
-                         f"{startup} | {r['tokens_per_s_train_runtime']:,.0f} | {peak} | "
+            lines.append(f"| {label} | {whole:,.0f} | {warm_text} | {steady:,.0f} | {ratio} | {vs_stock} | {vs_peer} | "
+                         f"{startup} | {build} | {r['tokens_per_s_train_runtime']:,.0f} | {peak} | "
                          f"{r['final_loss']:.4f} | {diff} |")
         lines.append("")
     text = "\n".join(lines)
@@ -474,13 +480,26 @@ def matching_stock(name: str) -> str:
 
 
 def _normalized(r: dict) -> dict:
-    """Results recorded before 2026-12-01 named the train_runtime-based figure "whole": recompute it by wall-clock."""
-    if "error" in r or "tokens_per_s_train_runtime" in r:
+    """Older results in today's terms. Before 2026-12-01 "whole" was the train_runtime-based figure: recomputed
+    by wall-clock. Before 2026-12-07 "steady" divided by the steady steps' own durations: that figure is kept as
+    ``tokens_per_s_steady_steps`` and steady is recomputed over the steady window's wall-clock (steps and the
+    gaps between them) where the per-step diagnostics allow, else marked unavailable (None)."""
+    if "error" in r:
         return r
     r = dict(r)
-    r["tokens_per_s_train_runtime"] = r["tokens_per_s_whole"]
-    r["tokens_per_s_whole"] = r["real_tokens"] / r["wall_s"]
-    r["startup_s"] = None
+    if "tokens_per_s_train_runtime" not in r:
+        r["tokens_per_s_train_runtime"] = r["tokens_per_s_whole"]
+        r["tokens_per_s_whole"] = r["real_tokens"] / r["wall_s"]
+        r["startup_s"] = None
+    if "tokens_per_s_steady_steps" not in r:
+        r["tokens_per_s_steady_steps"] = r.get("tokens_per_s_steady")
+        diagnostics = r.get("diagnostics") or {}
+        steps, gaps = diagnostics.get("step_s"), diagnostics.get("between_steps_s")
+        skip = max(1, len(steps) // 10) if steps else 0
+        if steps and gaps is not None and len(gaps) == len(steps) - 1 and len(steps) > skip and r.get("steady_tokens"):
+            r["tokens_per_s_steady"] = r["steady_tokens"] / (sum(steps[skip:]) + sum(gaps[skip:]))
+        else:
+            r["tokens_per_s_steady"] = None
     return r
 
 
@@ -492,7 +511,9 @@ def _median_run(results: list) -> dict:
     ok.sort(key=lambda r: r["tokens_per_s_whole"])
     chosen = dict(ok[len(ok) // 2])
     for key in ("tokens_per_s_whole", "tokens_per_s_steady"):
-        values = [r[key] for r in ok]
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if not values:
+            continue
         chosen[key] = statistics.median(values)
         chosen[key + "_range"] = (min(values), max(values))
     chosen["runs"] = len(ok)
@@ -511,7 +532,7 @@ def _plot(runs, png) -> None:
         ok = [(n, runs[model][n]) for n in CONFIGS if n in runs[model] and "error" not in runs[model][n]]
         names = [n for n, _ in ok]
         whole = [r["tokens_per_s_whole"] / 1e3 for _, r in ok]
-        steady = [r["tokens_per_s_steady"] / 1e3 for _, r in ok]
+        steady = [(r["tokens_per_s_steady"] or 0) / 1e3 for _, r in ok]
         ax = axes[row][0]
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], whole, width=0.4, label="whole run")

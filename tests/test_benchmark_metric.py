@@ -90,3 +90,41 @@ def test_the_benchmark_runs_cold_and_warm_and_reports_wall_clock(tmp_path):
     measured = json.loads(profile.read_text())
     assert measured["by_class_ms"]["matmul"] > 0 and measured["step_ms"] > 0 and measured["launches_per_step"] > 0
     assert "| kernel class (ms per step) | unsloth_patch |" in done.stdout
+
+
+def test_steady_state_is_wall_clock_over_the_steady_steps_with_the_gaps_between_them():
+    """Steady throughput counts the host work between steps (next batch, logging): tokens of the steps after the
+    first 10% over the time from the first of them starting to the last one ending, not the steps' own sum."""
+    from types import SimpleNamespace
+
+    meter = object.__new__(RunMeter)
+    clock, meter.step_times = 100.0, []
+    for step in range(20):  # 20 steps of 0.05 s with 0.01 s between them; the first two (10%) slower
+        duration = 0.5 if step < 2 else 0.05
+        meter.step_times.append([clock, clock + duration])
+        clock += duration + 0.01
+    meter.micro_tokens = [1000 + step for step in range(20)]
+    meter.trainer = SimpleNamespace(args=SimpleNamespace(gradient_accumulation_steps=1))
+    meter.start, meter.wall_s = 99.0, clock - 99.0
+    times = meter.times(SimpleNamespace(metrics={"train_runtime": 1.0}))
+    steady_tokens = sum(meter.micro_tokens[2:])
+    assert times.steady_tokens == steady_tokens and times.steps == 20
+    assert times.steady_s == pytest.approx(18 * 0.05 + 17 * 0.01)
+    assert times.steady_steps_s == pytest.approx(18 * 0.05)
+    assert times.tokens_per_s_steady == pytest.approx(steady_tokens / (18 * 0.05 + 17 * 0.01))
+    assert times.tokens_per_s_steady_steps > times.tokens_per_s_steady
+    assert times.first_steps_s == pytest.approx(1.0) and times.startup_s == pytest.approx(1.0)
+
+
+def test_older_results_get_the_wall_clock_steady_figure_from_their_per_step_record():
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sft
+
+    steps, gaps = [0.5] + [0.1] * 9, [0.02] * 9
+    old = {"config": "stock", "real_tokens": 1000, "wall_s": 2.0, "tokens_per_s_whole": 500.0,
+           "tokens_per_s_train_runtime": 600.0, "steady_tokens": 900, "tokens_per_s_steady": 1000.0,
+           "diagnostics": {"step_s": steps, "between_steps_s": gaps}}
+    new = sft._normalized(old)
+    assert new["tokens_per_s_steady_steps"] == 1000.0
+    assert new["tokens_per_s_steady"] == pytest.approx(900 / (9 * 0.1 + 8 * 0.02))
+    assert sft._normalized({**old, "diagnostics": {}})["tokens_per_s_steady"] is None  # no record: not guessed

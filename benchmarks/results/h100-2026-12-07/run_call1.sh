@@ -1,5 +1,5 @@
 #!/bin/bash
-# 2026-12-07, call 1. Carry: .whl (../shared/gpu-wheels.sh + bitsandbytes 0.50.2 with only its CUDA 13.0 library
+# 2026-12-07, call 1 (asked for any H100 or H200; ran on an NVIDIA H100 80GB HBM3, a slower host than 2026-12-06 and stopped at its 600 s limit after six of the eight rows: this session's H200 requests were refused). Carry: .whl (../shared/gpu-wheels.sh + bitsandbytes 0.50.2 with only its CUDA 13.0 library
 # kept), .whl-peers-b (benchmarks/peers.sh, the unsloth wheel without its studio/ folder), benchmarks/out/data.
 # LoRA r=16 and QLoRA nf4 on the reference workload: Unsloth 2026.10.9, this build at Unsloth's measured peak
 # (memory-matched), stock TRL, this build without a budget; each in a fresh process with an empty Triton cache, in

@@ -47,12 +47,15 @@ def test_inside_the_block_old_garbage_waits_and_new_garbage_is_collected():
 
 
 def test_a_freeze_of_the_users_is_left_as_it_is():
-    """The block neither freezes on top of the user's freeze nor undoes it: what the user froze stays out
-    of every collection, during the block and after it."""
+    """The block neither freezes on top of the user's freeze nor undoes it: what the user froze (the process,
+    here well over ``OWN_FREEZE`` objects) stays out of every collection, during the block and after it."""
+    from unsloth_patch.gc_freeze import OWN_FREEZE
+
     gc.disable()  # no automatic collection before the user's freeze
     try:
         theirs = unreachable_cycle()
         gc.freeze()
+        assert gc.get_freeze_count() >= OWN_FREEZE
         try:
             with quick_collections():
                 gc.collect()
@@ -65,6 +68,30 @@ def test_a_freeze_of_the_users_is_left_as_it_is():
         gc.enable()
     gc.collect()
     assert theirs() is None
+
+
+def test_a_handful_frozen_at_start_up_does_not_keep_the_collections_slow(monkeypatch):
+    """A freeze under ``OWN_FREEZE`` objects (an interpreter's start-up may leave a few hundred) does not turn
+    the block off: the block freezes the rest of the process on top, so its collections still skip the
+    garbage made before it; at its end every frozen object is given back, the earlier few included."""
+    from unsloth_patch import gc_freeze
+
+    gc.disable()
+    try:
+        gc.freeze()  # stands for the start-up's few: under the threshold below
+        earlier = gc.get_freeze_count()
+        monkeypatch.setattr(gc_freeze, "OWN_FREEZE", earlier + 1)
+        old = unreachable_cycle()  # made after that freeze, before the block: not frozen yet
+        with quick_collections():
+            assert gc.get_freeze_count() > earlier  # frozen on top
+            new = unreachable_cycle()
+            gc.collect()
+            assert new() is None and old() is not None
+    finally:
+        gc.enable()
+    assert gc.get_freeze_count() == 0  # given back, the earlier few with the rest
+    gc.collect()
+    assert old() is None
 
 
 def test_the_block_gives_the_objects_back_after_an_error():

@@ -271,10 +271,23 @@ def run_one(args) -> dict:
         result["plan"] = plan.as_dict() if plan else None
         decision = checkpointing.last_decision()
         result["checkpointing"] = dataclasses.asdict(decision) if decision is not None else None
+        result["predicted_peak_gib"] = _predicted_peaks(decision)
         startup_report = getattr(unsloth_patch, "startup_report", None)  # absent from builds before it existed
         result["startup"] = startup_report() if startup_report else None
         result["package"] = os.path.dirname(unsloth_patch.__file__)
     return result
+
+
+def _predicted_peaks(decision) -> Optional[dict]:
+    """The plugin's predicted peaks (GiB) where its probe measured the chosen policy: for the worst batch the data
+    could make (what the policy was chosen by), and for the batches this run drew (its largest one's training step,
+    or the probe's own largest step if that held more: both are inside the measured whole-run peak)."""
+    if decision is None or not getattr(decision, "peaks", None) or decision.peaks.get(decision.policy) is None:
+        return None
+    worst = (decision.peaks[decision.policy] + decision.extra_bytes) / 2**30
+    seen = getattr(decision, "predicted_seen_bytes", None)
+    drawn = max(seen, decision.probe_peak_bytes or 0) / 2**30 if seen is not None else None
+    return {"worst_batch": worst, "drawn_batches": drawn, "drawn_sequences": getattr(decision, "seen_sequences", None)}
 
 
 def _whole_run_peak(config: Config) -> int:
@@ -382,6 +395,10 @@ def run_all(args) -> None:
         if r.get("peak_gib") is not None:
             peaks.setdefault(name, r["peak_gib"])
         policy = (r.get("checkpointing") or {}).get("policy")
+        predicted = r.get("predicted_peak_gib") or {}
+        if predicted.get("drawn_batches") is not None:
+            policy = f"{policy}, predicted peak {predicted['drawn_batches']:.2f} GiB (drawn batches), " \
+                     f"{predicted['worst_batch']:.2f} GiB (worst batch)"
         print(f"   whole (wall-clock) {r['tokens_per_s_whole']:.0f} tok/s, steady {r['tokens_per_s_steady'] or 0:.0f} "
               f"(steps only {r.get('tokens_per_s_steady_steps') or 0:.0f}), "
               f"train_runtime-based {r['tokens_per_s_train_runtime']:.0f}, start-up {r['startup_s']:.1f}s, "

@@ -130,6 +130,22 @@ def test_the_memory_model_extrapolates_each_phase():
     assert policy.extrapolate(step(2), different, 8) == 1080
 
 
+def test_the_peak_at_any_batch_size_comes_from_the_measured_steps():
+    """What a run's largest batch should hold (``peak_at``): measured sizes as measured, the straight line between
+    two steps phase by phase, the extrapolation above them, and no less than the smallest step below it."""
+    def step(n):  # as above: a forward phase growing 200 a sequence, a backward phase 10
+        return policy.Step(n, 100, ((150 + 200 * n, 0), (1000 + 10 * n, 500)))
+
+    steps = [step(1), step(2), step(4)]
+    assert policy.peak_at(steps, 2) == step(2).peak and policy.peak_at(steps, 4) == step(4).peak
+    assert policy.peak_at(steps, 3) == 1030  # between 2 and 4: max(150 + 600, 1000 + 30), not a whole-peak line
+    assert policy.peak_at(steps, 8) == policy.extrapolate(step(2), step(4), 8) == 1750
+    assert policy.peak_at(steps, 5.5) == int(max(150 + 200 * 5.5, 1000 + 10 * 5.5))
+    assert policy.peak_at(steps[1:], 0.5) == step(2).peak  # below the smallest step measured: that step's peak
+    assert policy.peak_at([step(2)], 4) == policy.estimate.from_one(step(2), 4)
+    assert policy.peak_at([], 4) is None
+
+
 def test_ranks_agree_on_the_most_conservative_policy():
     index = policy.POLICIES.index
     assert policy.POLICIES[policy.agree([index("none"), index("offload"), index("selective")])] == "offload"

@@ -85,6 +85,40 @@ def test_predicted_peak_is_within_five_percent_of_the_whole_runs_peak(chosen, op
     assert decision.probe_peak_bytes <= measured
 
 
+@pytest.mark.parametrize("chosen", ["offload", "full"])
+def test_the_peak_predicted_for_the_batches_drawn_is_within_five_percent(chosen, tokenizer, tmp_path, use_settings,
+                                                                         monkeypatch):
+    """After ``train()`` the decision also holds the model's peak at the largest batch the run really drew (the
+    probe sizes the worst batch the data could make): within 5% of the whole run's peak, never above the
+    worst-batch prediction, and sized from the batches the training steps got."""
+    use_settings(memory_budget_gb=8.0, padding_free="on")
+    _only(chosen, monkeypatch)
+    from datasets import Dataset
+
+    # batches of 8 of these 12 lengths (three over max_length): the probe measures 1, 2 and 4 sequences of
+    # max_length and extrapolates to the 8 longest together; the batch drawn is smaller than that, and larger
+    # than the probe's own steps, so the training step holds the run's peak
+    words = [400, 300, 200, 150, 150, 140, 130, 120, 110, 100, 90, 80]
+    mixed = Dataset.from_dict({"text": [" ".join(["hello world"] * (n // 6)) for n in words]})
+    trainer = _trainer(tokenizer, mixed, tmp_path, max_length=LENGTH, per_device_train_batch_size=8, max_steps=1)
+    drawn = []
+    step = trainer.training_step
+
+    def noting(model, inputs, *args, **kwargs):
+        drawn.append(int(inputs["input_ids"].numel()))
+        return step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = noting
+    measured = _whole_train_peak(trainer)
+    decision = policy.last_decision()
+    assert decision.policy == chosen and decision.chosen_steps, decision.summary()
+    assert decision.seen_sequences == max(drawn) / decision.longest
+    worst = decision.peaks[chosen] + decision.extra_bytes
+    assert decision.predicted_seen_bytes <= worst
+    assert worst > 1.1 * measured and decision.probe_peak_bytes < measured  # the case this test is about
+    assert abs(decision.predicted_seen_bytes - measured) <= 0.05 * measured, (decision.predicted_seen_bytes, measured)
+
+
 def test_the_probe_runs_under_the_mixed_precision_the_accelerator_trains_with(tokenizer, dataset, tmp_path,
                                                                               use_settings, monkeypatch):
     """transformers 4.x exports ACCELERATE_MIXED_PRECISION from any bf16 TrainingArguments to the process: a

@@ -29,7 +29,7 @@ from .functions import (CHECKPOINT_FUNCTIONS, OFFLOAD_MIN_BYTES, checkpoint_func
                         checkpoint_selective, install, restore_checkpointing, selective_available, selective_context,
                         snapshot_checkpointing)
 from .bound import StepShape, upper_bound, why_not_bounded
-from .estimate import Step, extrapolate, step_sizes
+from .estimate import Step, extrapolate, peak_at, step_sizes
 from .meter import CudaBytes, LiveBytes, boundary, memory_cap
 from .policy import (GIB, POLICIES, SAFETY_MARGIN, Decision, ProbeOutOfMemory, agree, agree_across_ranks, budget_for,
                      choose, fits, is_out_of_memory, last_decision, oom_types, optimizer_state_bytes, remember)

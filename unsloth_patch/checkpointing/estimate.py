@@ -60,6 +60,10 @@ def from_one(step: Step, count: int) -> int:
     present when the phase ended do not grow, the rest grows in proportion to the sequences."""
     if count <= step.sequences or not step.phases:
         return step.peak
+    return _scaled(step, count)
+
+
+def _scaled(step: Step, count: float) -> int:
     ends = [p[1] for p in step.phases[1:]] + [step.end_grads]
     best = step.baseline
     for (peak, grads, *_), end in zip(step.phases, ends):
@@ -132,3 +136,29 @@ def batch_peak(steps: Sequence[Step], count: int) -> int:
     if steps[-1].sequences >= count or len(steps) < 2:
         return steps[-1].peak if steps[-1].sequences >= count else from_one(steps[-1], count)
     return extrapolate(steps[-2], steps[-1], count)
+
+
+def peak_at(steps: Sequence[Step], count: float) -> Optional[int]:
+    """The peak at ``count`` sequence-equivalents (a batch's tokens over the probe's sequence length; any
+    positive number) from a candidate's measured steps (smallest first): a measured size as measured,
+    between two steps the straight line through them (phase by phase where their phases match), above
+    the largest the last two extrapolated (one: ``from_one``), below the smallest that step's peak (a
+    smaller batch holds no more). What the run's own largest batch should hold, where ``batch_peak``
+    sizes the worst batch the data could make. None without steps."""
+    if not steps:
+        return None
+    for step in steps:
+        if step.sequences == count:
+            return step.peak
+    larger = [s for s in steps if s.sequences > count]
+    smaller = [s for s in steps if s.sequences < count]
+    if not larger:
+        return extrapolate(smaller[-2], smaller[-1], count) if len(smaller) >= 2 else from_one(smaller[-1], count)
+    high = larger[0]
+    if smaller:
+        low = smaller[-1]
+        share = (count - low.sequences) / (high.sequences - low.sequences)
+        pairs = list(zip(low.phases, high.phases)) if len(low.phases) == len(high.phases) else []
+        pairs = [(a[0], b[0]) for a, b in pairs] or [(low.peak, high.peak)]
+        return int(max(a + (b - a) * share for a, b in pairs))
+    return high.peak

@@ -36,6 +36,10 @@ class Decision:
     bound_bytes: Optional[int] = None  # upper bound of the no-checkpointing step from the model's shape
     bound_note: str = ""  # why no bound was used (not bounded, or over the budget)
     probe_steps: list = field(default_factory=list)  # each step run: candidate, sequences, predicted, peak bytes
+    longest: int = 0  # tokens of the probe's sequence: a batch of T tokens is T / longest sequence-equivalents
+    chosen_steps: list = field(default_factory=list)  # the chosen candidate's measured steps (estimate.Step)
+    seen_sequences: Optional[float] = None  # after train(): the largest batch it drew, in sequence-equivalents
+    predicted_seen_bytes: Optional[int] = None  # after train(): the model's peak for that batch, plus the extra
 
     @property
     def changes_training(self) -> bool:

@@ -18,6 +18,7 @@ from .. import log, mlp_recompute, startup
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
+from . import seen_batches
 from .config_fields import was_explicit
 from .step_shape import step_shape
 from .trainer_facts import base_model, dataset_lengths, max_length_of
@@ -39,13 +40,13 @@ def handle_train(proceed, trainer, args, kwargs):
             pass
         policy.remember(decision)
         log.logger.info("%s", decision.summary())
-    if not decision.changes_training:
-        if decision.probed:
-            _input_grads_for_reentrant(trainer)
-        return proceed(*args, **kwargs)
     edits = Edits()
     try:
-        apply(trainer, decision.policy, edits)
+        if decision.changes_training:
+            apply(trainer, decision.policy, edits)
+        elif decision.probed:
+            _input_grads_for_reentrant(trainer)
+        watch = seen_batches.watch(trainer, decision, edits)
     except Exception:
         edits.rollback()
         raise
@@ -53,6 +54,7 @@ def handle_train(proceed, trainer, args, kwargs):
         return proceed(*args, **kwargs)
     finally:
         edits.rollback()
+        seen_batches.settle(decision, watch)
 
 
 # --------------------------------------------------------------------------- deciding
@@ -223,6 +225,7 @@ def decide(trainer, settings) -> policy.Decision:
     if agreed != decision.policy:
         decision.reason += f"; ranks agreed on the more conservative {agreed}"
         decision.policy = agreed
+        decision.chosen_steps = []  # measured for this rank's own choice, not the agreed one
     if decision.policy != "full":
         decision.probed = True
     return decision
@@ -285,11 +288,13 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     held = [r["peak"] for r in ladder.records if r["peak"] is not None]
     decision = policy.Decision("full", "", peaks=peaks, rejected=rejected, extra_bytes=extra, budget_bytes=budget,
                                card_bytes=card, device=str(device), tokens=sum(spec.lengths),
-                               probe_peak_bytes=max(held) if held else None, probe_steps=ladder.records)
+                               probe_peak_bytes=max(held) if held else None, probe_steps=ladder.records,
+                               longest=max(spec.lengths))
     if chosen is None:
         decision.reason = "no candidate fits the budget; TRL's full checkpointing kept"
     else:
         decision.policy = chosen
+        decision.chosen_steps = list(ladder.steps.get(chosen, ()))
         decision.reason = ("fastest candidate whose probed peak plus optimizer state fits the budget"
                            if chosen != "full" else "only full checkpointing fits the budget")
     decision.probed = True

@@ -440,16 +440,16 @@ def report(results: pathlib.Path, markdown, png) -> str:
         lines.append("| configuration | whole-run tok/s, cold | whole-run tok/s, warm | steady tok/s | whole / steady | "
                      "x stock (cold) | x stock (steady) | "  # against the matching stock row
                      "x best peer of its kind (steady) | "
-                     "start-up s | build s | tok/s by train_runtime | peak GiB | final loss | "
-                     "max rel. loss diff vs stock |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     "start-up s | build s | tok/s by train_runtime | peak GiB | predicted peak GiB (drawn / worst batch) | "
+                     "final loss | max rel. loss diff vs stock |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name in CONFIGS:
             phases = by_name.get(name)
             if phases is None or "cold" not in phases:
                 continue
             r = phases["cold"]
             if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||||||||")
+                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} ||||||||||||||")
                 continue
             warm = phases.get("warm")
             warm_text = f"{warm['tokens_per_s_whole']:,.0f}" if warm and "error" not in warm else ""
@@ -469,10 +469,14 @@ def report(results: pathlib.Path, markdown, png) -> str:
                        if best_peer and best_peer is not r and best_peer["tokens_per_s_steady"] and steady else "")
             ratio = f"{whole / steady:.2f}" if steady else ""
             build = "" if r.get("build_s") is None else f"{r['build_s']:.1f}"
+            predicted = r.get("predicted_peak_gib") or {}
+            drawn = predicted.get("drawn_batches")
+            prediction = (f"{drawn:.2f} / " if drawn is not None else "") + (
+                f"{predicted['worst_batch']:.2f}" if predicted.get("worst_batch") is not None else "")
             peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
             startup = "" if r.get("startup_s") is None else f"{r['startup_s']:.1f}"
             lines.append(f"| {label} | {whole:,.0f} | {warm_text} | {steady:,.0f} | {ratio} | {vs_stock} | {vs_peer} | "
-                         f"{startup} | {build} | {r['tokens_per_s_train_runtime']:,.0f} | {peak} | "
+                         f"{startup} | {build} | {r['tokens_per_s_train_runtime']:,.0f} | {peak} | {prediction} | "
                          f"{r['final_loss']:.4f} | {diff} |")
         lines.append("")
     text = "\n".join(lines)

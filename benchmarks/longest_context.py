@@ -34,7 +34,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from sft import CONFIGS, LORA_TARGETS, _load_model  # stdlib-only at import: the plugin stays inactive here
+from sft import CONFIGS, LORA_TARGETS, _load_model, configurations  # stdlib-only at import: the plugin stays inactive here
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -264,10 +264,7 @@ def _child_env(config, peer_path: str) -> dict:
 def run_all(args) -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    names = configurations(args.configs)
     for budget in [float(b) for b in args.budgets.split(",")]:
         for name in names:
             target = _result_path(out, args.model, name, budget)

@@ -342,13 +342,19 @@ def _phases(args) -> list:
     return ["cold", "warm"] if args.warm else ["cold"]
 
 
+def configurations(names: str) -> list:
+    """The configurations named in a comma-separated list; exits naming the unknown ones and the known."""
+    chosen = names.split(",")
+    unknown = [n for n in chosen if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    return chosen
+
+
 def run_all(args) -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    names = configurations(args.configs)
     peaks: dict = {}
     caches = {name: tempfile.mkdtemp(prefix=f"triton-{name}-") for name in names}
     runs = [(rep, name, phase) for rep in range(args.repeat) for name in names for phase in _phases(args)]

@@ -68,6 +68,11 @@ class RunTimes:
 _EARLY_STEPS = 5
 
 
+def first_steady_step(steps: int) -> int:
+    """Index of the first step counted in steady state: the first 10% of the steps (at least one) are not."""
+    return max(1, steps // 10) if steps > 1 else 0
+
+
 class RunMeter:
     """Attach to a built trainer, then ``meter.train()`` in place of ``trainer.train()``."""
 
@@ -133,7 +138,7 @@ class RunMeter:
     def times(self, output) -> RunTimes:
         steps = len(self.step_times)
         micro = max(1, int(getattr(self.trainer.args, "gradient_accumulation_steps", 1) or 1))
-        skip = max(1, steps // 10) if steps > 1 else 0
+        skip = first_steady_step(steps)
         done = [(a, b) for a, b in self.step_times if b is not None]
         return RunTimes(
             wall_s=self.wall_s,

@@ -522,7 +522,9 @@ def _normalized(r: dict) -> dict:
         r["tokens_per_s_steady_steps"] = r.get("tokens_per_s_steady")
         diagnostics = r.get("diagnostics") or {}
         steps, gaps = diagnostics.get("step_s"), diagnostics.get("between_steps_s")
-        skip = max(1, len(steps) // 10) if steps else 0
+        from metrics import first_steady_step
+
+        skip = first_steady_step(len(steps or ()))
         if steps and gaps is not None and len(gaps) == len(steps) - 1 and len(steps) > skip and r.get("steady_tokens"):
             r["tokens_per_s_steady"] = r["steady_tokens"] / (sum(steps[skip:]) + sum(gaps[skip:]))
         else:

@@ -8,11 +8,12 @@ and given back to the collector after it. Stock's own full collections (``accele
 at the start of the training loop) run outside the block and still see everything.
 
 A freeze made before the block is respected when it is a process's own (thousands of objects or
-more: its collections are quick already). A few hundred frozen before the script's own work is not: on the GPU
-machine of 2026-12-07 every benchmark process (stock's too) had 375 objects frozen by the time
-``train()`` ran, and the old rule (any freeze: leave it) let every probe collection there walk the
-whole process, 0.3-0.44 s each, 2-3 s of a LoRA probe. Such a small freeze is frozen on top of and given back to the collector with ours
-(``gc.unfreeze`` has no partial form), which only makes those few objects collectable again.
+more: its collections are quick already). A few hundred frozen before the script's own work is
+not: on the GPU machine of 2026-12-07 every benchmark process (stock's too) had 375 objects frozen
+by the time ``train()`` ran, and the old rule (any freeze: leave it) let every probe collection
+there walk the whole process, 0.3-0.44 s each, 2-3 s of a LoRA probe. Such a small freeze is
+frozen on top of and given back to the collector with ours (``gc.unfreeze`` has no partial form),
+which only makes those few objects collectable again.
 """
 
 from __future__ import annotations

@@ -49,10 +49,15 @@ def extrapolate(small: Step, large: Step, count: int) -> int:
     if count <= large.sequences:
         return large.peak
     spread = large.sequences - small.sequences
-    pairs = list(zip(small.phases, large.phases)) if len(small.phases) == len(large.phases) else []
-    pairs = [(a[0], b[0]) for a, b in pairs] or [(small.peak, large.peak)]
     more = count - large.sequences
-    return int(max(b + max(0, b - a) / spread * more for a, b in pairs))
+    return int(max(b + max(0, b - a) / spread * more for a, b in _phase_peaks(small, large)))
+
+
+def _phase_peaks(small: Step, large: Step) -> list:
+    """``(small's peak, large's peak)`` per phase, matched by position; the whole steps' peaks when the two
+    steps have different phase counts."""
+    pairs = list(zip(small.phases, large.phases)) if len(small.phases) == len(large.phases) else []
+    return [(a[0], b[0]) for a, b in pairs] or [(small.peak, large.peak)]
 
 
 def from_one(step: Step, count: int) -> int:
@@ -145,20 +150,10 @@ def peak_at(steps: Sequence[Step], count: float) -> Optional[int]:
     the largest the last two extrapolated (one: ``from_one``), below the smallest that step's peak (a
     smaller batch holds no more). What the run's own largest batch should hold, where ``batch_peak``
     sizes the worst batch the data could make. None without steps."""
-    if not steps:
-        return None
-    for step in steps:
-        if step.sequences == count:
-            return step.peak
     larger = [s for s in steps if s.sequences > count]
     smaller = [s for s in steps if s.sequences < count]
-    if not larger:
-        return extrapolate(smaller[-2], smaller[-1], count) if len(smaller) >= 2 else from_one(smaller[-1], count)
-    high = larger[0]
-    if smaller:
-        low = smaller[-1]
-        share = (count - low.sequences) / (high.sequences - low.sequences)
-        pairs = list(zip(low.phases, high.phases)) if len(low.phases) == len(high.phases) else []
-        pairs = [(a[0], b[0]) for a, b in pairs] or [(low.peak, high.peak)]
-        return int(max(a + (b - a) * share for a, b in pairs))
-    return high.peak
+    if not (larger and smaller) or any(s.sequences == count for s in steps):
+        return own(steps, count)  # measured, above the largest step, or below the smallest (its peak)
+    low, high = smaller[-1], larger[0]
+    share = (count - low.sequences) / (high.sequences - low.sequences)
+    return int(max(a + (b - a) * share for a, b in _phase_peaks(low, high)))

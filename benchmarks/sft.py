@@ -150,8 +150,8 @@ def _load_model(config: Config, args, model_config, tokenizer, device):
     from unsloth_patch.tiny import model_from_config
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if config.loader == "transformers" and config.quant is None:
-        return model_from_config(model_config, dtype=dtype, seed=0, device=device)
+    if config.loader == "transformers" and config.quant is None and not device.startswith("cuda"):
+        return model_from_config(model_config, dtype=dtype, seed=0, device=device)  # CPU runs of the harness
     model_dir = pathlib.Path(args.model_dir) / args.model
     if not (model_dir / "config.json").exists():
         model_from_config(model_config, dtype=dtype, seed=0).save_pretrained(model_dir)
@@ -170,8 +170,12 @@ def _load_model(config: Config, args, model_config, tokenizer, device):
         return model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    # on the GPU every transformers row loads the saved weights in bf16, as a user's script does (the same
+    # values as the seeded build cast to bf16); the nf4 rows quantise them while loading
+    quantization = None
+    if config.quant == "nf4":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
     return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=dtype,
                                                 device_map={"": torch.cuda.current_device()},
                                                 attn_implementation="sdpa")

@@ -61,7 +61,8 @@ def test_patched_when_imported_after_trl_and_remove_restores_identity():
         import transformers.trainer, transformers.modeling_utils, transformers.training_args
         import trl.trainer.sft_config, trl.trainer.sft_trainer
         owners = [SFTTrainer, SFTConfig, transformers.trainer.Trainer, transformers.training_args.TrainingArguments,
-                  trl.trainer.sft_trainer]  # the module: its add_fused_lm_head (TRL >= 1.15)
+                  trl.trainer.sft_trainer,  # the module: its add_fused_lm_head (TRL >= 1.15)
+                  transformers.modeling_utils.PreTrainedModel]
         snapshot = {owner: dict(vars(owner)) for owner in owners}
         import unsloth_patch
         from unsloth_patch import registry

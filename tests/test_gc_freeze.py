@@ -109,7 +109,7 @@ def test_waiting_for_the_compile_threads_freezes_what_existed_before(monkeypatch
         seen.append(gc.get_freeze_count())
 
     thread = threading.Thread(target=compile_thread, daemon=True)
-    monkeypatch.setattr(warmup, "_thread", thread)
+    monkeypatch.setattr(warmup, "_threads", [thread])
     monkeypatch.setattr(warmup, "_tasks", [])
     thread.start()
     assert warmup.pending()

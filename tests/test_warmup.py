@@ -138,13 +138,13 @@ def test_extra_tasks_start_once_a_warm_up_of_ours_was_begun_and_are_waited_for(m
     import threading
 
     monkeypatch.setattr(warmup, "_tasks", [])
-    monkeypatch.setattr(warmup, "_thread", None)
+    monkeypatch.setattr(warmup, "_threads", [])
     monkeypatch.setattr(warmup, "_started", {})
     assert warmup.start_task("no warm-up of ours begun", lambda device, dtype: None) is False
     release, ran = threading.Event(), []
     ours = threading.Thread(target=release.wait, daemon=True)
     ours.start()
-    monkeypatch.setattr(warmup, "_thread", ours)
+    monkeypatch.setattr(warmup, "_threads", [ours])
     monkeypatch.setitem(warmup._started, "device", torch.device("cpu"))
     monkeypatch.setitem(warmup._started, "compute_dtype", torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
@@ -168,6 +168,63 @@ def test_extra_tasks_start_once_a_warm_up_of_ours_was_begun_and_are_waited_for(m
     assert ran[-1] == "after"
 
 
+def _pretend_a_gpu(monkeypatch):
+    """``warmup.start`` as on a GPU with Triton, its compile threads recording what they were given."""
+    import sys
+    import types
+
+    begun = []
+    monkeypatch.setattr(warmup, "_threads", [])
+    monkeypatch.setattr(warmup, "_begun", set())
+    monkeypatch.setattr(warmup, "_started", {})
+    monkeypatch.setattr(warmup, "_outcome", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setitem(sys.modules, "unsloth_patch.kernels._triton", types.SimpleNamespace(triton=object()))
+    monkeypatch.setattr(warmup, "_run", lambda specs, device, where="": begun.append((where, list(specs))))
+    return begun
+
+
+def test_a_half_precision_model_is_warmed_when_built_and_the_trainer_adds_only_what_is_new(monkeypatch):
+    from types import SimpleNamespace
+
+    from unsloth_patch.kernels import warmup as kw
+
+    begun = _pretend_a_gpu(monkeypatch)
+    config = dict(hidden_size=128, num_heads=2, num_kv_heads=1)
+    assert warmup.start(build_model("llama", dtype=torch.float32, **config), None, Settings()) is False
+    assert not begun, "a float32 model's compute dtype is the trainer's to say"
+    bf16 = build_model("llama", dtype=torch.bfloat16, **config)
+    assert warmup.start(bf16, None, Settings(), where="at model construction") is True
+    warmup.wait(timeout=30)
+    where, specs = begun[-1]
+    assert where == "at model construction"
+    assert kw.AttentionSpec(2, 1, 64, torch.bfloat16, None, None) in specs
+    assert warmup._started["compute_dtype"] == torch.bfloat16
+    # SFTTrainer(...) with bf16=True: every variant already begun, nothing compiles twice
+    assert warmup.start(bf16, SimpleNamespace(bf16=True, fp16=False), Settings()) is False and len(begun) == 1
+    # fp16 training of the same model: only the variants of the new compute dtype begin
+    assert warmup.start(bf16, SimpleNamespace(bf16=False, fp16=True), Settings()) is True
+    warmup.wait(timeout=30)
+    _, added = begun[-1]
+    assert added and all(spec not in specs for spec in added)
+    assert kw.AttentionSpec(2, 1, 64, torch.float16, None, None) in added
+    assert warmup._started["compute_dtype"] == torch.float16  # TRL's head warms in the trainer's dtype
+
+
+def test_building_a_model_in_a_trl_script_begins_the_warm_up(monkeypatch):
+    import trl  # noqa: F401  (the script imported TRL)
+
+    from unsloth_patch import registry
+
+    assert "model_warmup" in registry.applied_names()  # transformers >= 4.46: every CI pair
+    calls = []
+    monkeypatch.setattr(warmup, "start", lambda model, args, settings, where="": calls.append((model, args, where)))
+    model = build_model("llama", dtype=torch.bfloat16)
+    assert calls and calls[-1] == (model, None, "at model construction")
+    assert all(args is None for _, args, _ in calls)
+
+
 def test_the_start_up_report_says_what_the_warm_up_did():
     from unsloth_patch import startup
 
@@ -178,6 +235,8 @@ def test_the_start_up_report_says_what_the_warm_up_did():
     failing = warmup.describe({"seconds": 1.0, "specs": 2, "failed": [("spec", "boom")],
                                "tasks": {"TRL fused LM head": {"seconds": 0.5, "error": "RuntimeError: x"}}})
     assert failing == "2 variants in 1.00 s on compile threads; TRL fused LM head 0.50 s (failed); 1 failed"
+    early = warmup.describe({"seconds": 3.0, "specs": 5, "failed": [], "begun": "at model construction"})
+    assert early == "5 variants in 3.00 s on compile threads, begun at model construction"
     assert warmup.describe(None) == "none"
     startup.begin()
     with startup.phase("waiting for kernel compilation"):

@@ -96,6 +96,15 @@ PATCHES: tuple[Patch, ...] = (
         parameters=("resume_from_checkpoint", "trial"),
     ),
     Patch(
+        name="model_warmup",
+        summary="Begin compiling our kernels on threads when a bf16/fp16 model is built in a TRL script.",
+        targets=("transformers.modeling_utils:PreTrainedModel.post_init",),
+        requires={"transformers": ">=4.46"},
+        toggle="KERNELS",
+        active=lambda s: s.kernels != "off" or s.attention != "off",
+        handler="unsloth_patch.patches.model_warmup:handle_post_init",
+    ),
+    Patch(
         name="fused_head_warmup",
         summary="Compile TRL's fused LM head kernels beside ours before the first step (TRL's head unchanged).",
         targets=(f"{TRL_MODULE}:add_fused_lm_head",),

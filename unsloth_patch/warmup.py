@@ -1,12 +1,15 @@
-"""Compile the kernels a trainer will use while TRL builds it, on a background thread.
+"""Compile the kernels a trainer will use while the script builds it, on background threads.
 
 Triton compiles each kernel variant at its first launch: on a cold cache several seconds that a
-user would otherwise wait for at the first training step. ``SFTTrainer(...)`` spends time of its
-own before training (tokenising and truncating the dataset, building the collator, moving the
-model), so the compilation starts there, on a thread, from what the model's config already says
-(head counts and dim, windows, soft-capping, norm sizes, the MLP's activation, rotary embeddings);
-``train()`` waits for it before its first launch. Only on a CUDA GPU with Triton, and only for
-kernels the toggles leave on. A variant the run turns out not to need costs a compile and nothing else; an error in
+user would otherwise wait for at the first training step. A script spends time of its own before
+training (loading the model's weights, tokenising and truncating the dataset, building the
+collator), so the compilation starts as early as what it needs is known, on threads, from what the
+model's config says (head counts and dim, windows, soft-capping, norm sizes, the MLP's activation,
+rotary embeddings): when a half-precision model is built in a script that imported TRL
+(``model_warmup``: its compute dtype is its own), else at ``SFTTrainer(...)``, where the training
+arguments give the compute dtype; a variant begun once is not begun again. ``train()`` waits for
+them before its first launch. Only on a CUDA GPU with Triton, and only for kernels the toggles
+leave on. A variant the run turns out not to need costs a compile and nothing else; an error in
 the warm-up is logged at debug level and changes nothing (the real calls keep their fallbacks).
 """
 
@@ -22,10 +25,12 @@ from . import log
 from .gc_freeze import quick_collections
 
 _lock = threading.Lock()
-_thread: Optional[threading.Thread] = None
+_threads: list = []  # compile threads of ours not yet waited for (one per start that had new variants)
+_begun: set = set()  # (spec, device) begun in this process: compiled or compiling, never begun twice
 _outcome: dict = {}
 _started: dict = {}  # device and compute dtype of the warm-up begun last (for start_task)
 _tasks: list = []  # threads of start_task, joined by wait()
+HALF = ("bfloat16", "float16")  # a model built in these computes in them: its warm-up needs no arguments
 
 
 def specs_for(model_config, compute_dtype, param_dtype, settings) -> list:
@@ -71,9 +76,14 @@ def _full_rotary(text_config) -> bool:
     return has_rope and partial in (None, 1, 1.0)
 
 
-def start(model, args, settings) -> bool:
-    """Begin compiling for ``model`` (a loaded model, not a hub id) trained with ``args``; True if begun."""
-    global _thread
+def start(model, args, settings, where: str = "at SFTTrainer()") -> bool:
+    """Begin compiling for ``model`` (a built model, not a hub id) trained with ``args``; True if begun.
+
+    ``args`` None: the model was just built and no training arguments exist yet; only a bf16 or fp16
+    model is warmed then (it computes in its own dtype under any mixed-precision setting), a float32
+    one waits for ``SFTTrainer(...)``, whose arguments say. Variants already begun are left out;
+    with arguments, the device and compute dtype are kept for ``start_task`` even when none is new.
+    """
     try:
         import torch
 
@@ -85,7 +95,11 @@ def start(model, args, settings) -> bool:
             return False
         parameter = next(iter(model.parameters()), None)
         param_dtype = parameter.dtype if parameter is not None else torch.float32
-        if getattr(args, "bf16", False):
+        if args is None:
+            if str(param_dtype).rsplit(".", 1)[-1] not in HALF:
+                return False
+            compute_dtype = param_dtype
+        elif getattr(args, "bf16", False):
             compute_dtype = torch.bfloat16
         elif getattr(args, "fp16", False):
             compute_dtype = torch.float16
@@ -100,12 +114,18 @@ def start(model, args, settings) -> bool:
     except Exception as exc:
         log.logger.debug("kernel warm-up not started: %s", exc)
         return False
-    thread = threading.Thread(target=_run, args=(specs, device), name="unsloth_patch-kernel-warmup", daemon=True)
     with _lock:
-        if _thread is not None and _thread.is_alive():
-            return False  # one at a time; the next trainer's train() finds the variants already compiled
-        _thread = thread
-        _started.update(device=device, compute_dtype=compute_dtype)
+        if args is not None or not _started:
+            _started.update(device=device, compute_dtype=compute_dtype)
+        new = [spec for spec in specs if (spec, device) not in _begun]
+        if not new:
+            return False
+        _begun.update((spec, device) for spec in new)
+        thread = threading.Thread(target=_run, args=(new, device, where), name="unsloth_patch-kernel-warmup",
+                                  daemon=True)
+        _threads.append(thread)
+        _outcome.setdefault("begun", where)
+        _outcome.setdefault("first_begun_at", time.perf_counter())
     thread.start()
     return True
 
@@ -181,25 +201,28 @@ def gpu_driver_visible(environ, exists) -> bool:
     return any(exists(path) for path in _DRIVER_FILES)
 
 
-def _run(specs, device) -> None:
+def _run(specs, device, where: str = "") -> None:
     import torch
 
     from . import compile_key
     from .kernels.warmup import warm_up
 
     started = time.perf_counter()
-    _outcome.pop("compile_key", None)
     earlier = compile_key.primed()
     key = compile_key.prime("in the warm-up")  # once, before the compile threads (each would hash it)
     if key is not None and earlier is None:  # computed now, or waited for here: this warm-up's cost
-        _outcome["compile_key"] = dict(key, waited=time.perf_counter() - started)
+        with _lock:
+            _outcome["compile_key"] = dict(key, waited=time.perf_counter() - started)
     try:
         with torch.cuda.device(device):
             failed = warm_up(specs, device)
             torch.cuda.synchronize(device)
     except Exception as exc:  # never reaches the user
         failed = [(None, f"{type(exc).__name__}: {exc}")]
-    _outcome.update(seconds=time.perf_counter() - started, specs=len(specs), failed=failed)
+    with _lock:  # several starts (model built, then SFTTrainer()) add up
+        _outcome["seconds"] = time.perf_counter() - _outcome.get("first_begun_at", started)
+        _outcome["specs"] = _outcome.get("specs", 0) + len(specs)
+        _outcome["failed"] = list(_outcome.get("failed") or ()) + list(failed)
     for spec, error in failed:
         log.logger.log(logging.DEBUG, "kernel warm-up: %s failed (%s)", spec, error)
 
@@ -207,7 +230,7 @@ def _run(specs, device) -> None:
 def pending() -> bool:
     """Whether a warm-up started in this process has not been waited for yet."""
     with _lock:
-        return any(t is not None and t.is_alive() for t in (_thread, *_tasks))
+        return any(t.is_alive() for t in (*_threads, *_tasks))
 
 
 def wait(timeout: float = 300.0) -> Optional[dict]:
@@ -215,7 +238,7 @@ def wait(timeout: float = 300.0) -> Optional[dict]:
     main thread waits, collections pass over the compile threads' new objects only: a full one would
     hold the GIL they need for 0.25-0.4 s (``gc_freeze``)."""
     with _lock:
-        threads = [t for t in (_thread, *_tasks) if t is not None]
+        threads = [*_threads, *_tasks]
     if not threads:
         return None
     deadline = time.perf_counter() + timeout
@@ -224,7 +247,10 @@ def wait(timeout: float = 300.0) -> Optional[dict]:
             thread.join(max(0.0, deadline - time.perf_counter()))
     with _lock:
         _tasks[:] = [t for t in _tasks if t.is_alive()]
-        return dict(_outcome)
+        _threads[:] = [t for t in _threads if t.is_alive()]
+        outcome = dict(_outcome)
+        _outcome.clear()  # the next trainer's train() reports its own warm-up, if it begins one
+        return outcome
 
 
 def describe(outcome: Optional[dict]) -> str:
@@ -234,6 +260,8 @@ def describe(outcome: Optional[dict]) -> str:
     failed = len(outcome.get("failed") or ())
     tasks = outcome.get("tasks") or {}
     line = f"{outcome.get('specs', 0)} variants in {outcome.get('seconds', 0.0):.2f} s on compile threads"
+    if outcome.get("begun"):
+        line += f", begun {outcome['begun']}"
     key = outcome.get("compile_key")
     if key:
         line += f"; Triton compile key {key['seconds']:.2f} s {key['where']}"

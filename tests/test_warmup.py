@@ -102,16 +102,21 @@ def test_trls_fused_head_kernels_are_launched_as_trl_calls_them(monkeypatch, tmp
     """While our warm-up runs, SFTTrainer's add_fused_lm_head also hands TRL's chunked log-prob function to
     it: the launch calls TRL's function with the model's vocabulary, TRL's chunk size and the outputs TRL
     asked for, forward and backward, and leaves the model and its gradients alone."""
+    from trl import SFTTrainer  # noqa: F401  (a script that trains with it: TRL's head is warmed as the model is built)
     from trl.trainer import utils as trl_utils
 
     from unsloth_patch.patches import fused_head_warmup
 
     started = []
-    monkeypatch.setattr(warmup, "start_task", lambda name, launch: started.append((name, launch)) or True)
+    monkeypatch.setattr(warmup, "start_task",
+                        lambda name, launch, key=None: started.append((name, launch, key)) or True)
     model = build_model("llama")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert [name for name, _, _ in started] == ["TRL fused LM head"]  # begun as the model was built
     sft_trainer(model, tokenizer, text_dataset(tokenizer, limit=8), sft_config(tmp_path, max_length=64))
-    assert [name for name, _ in started] == ["TRL fused LM head"]
+    assert [name for name, _, _ in started] == ["TRL fused LM head"] * 2
+    assert started[0][2] == started[1][2], "the early start guessed SFTTrainer's call: the same kernels"
+    started = started[1:]
 
     calls = []
     original = trl_utils._ChunkedLogProbFunction.apply
@@ -223,6 +228,23 @@ def test_building_a_model_in_a_trl_script_begins_the_warm_up(monkeypatch):
     model = build_model("llama", dtype=torch.bfloat16)
     assert calls and calls[-1] == (model, None, "at model construction")
     assert all(args is None for _, args, _ in calls)
+
+
+def test_a_task_with_a_key_begins_once_per_device_and_dtype(monkeypatch):
+    ran = []
+    monkeypatch.setattr(warmup, "_tasks", [])
+    monkeypatch.setattr(warmup, "_begun", set())
+    monkeypatch.setattr(warmup, "_started", {"device": torch.device("cpu"), "compute_dtype": torch.bfloat16})
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert warmup.start_task("head", lambda device, dtype: ran.append(dtype), key=("v", 1)) is True
+    assert warmup.start_task("head", lambda device, dtype: ran.append(dtype), key=("v", 1)) is False
+    assert warmup.start_task("head", lambda device, dtype: ran.append(dtype), key=("v", 2)) is True
+    warmup._started["compute_dtype"] = torch.float16  # the trainer trains in fp16: compiled anew
+    assert warmup.start_task("head", lambda device, dtype: ran.append(dtype), key=("v", 1)) is True
+    assert warmup.start_task("head", lambda device, dtype: ran.append(dtype)) is True  # no key: always
+    warmup.wait(timeout=30)
+    assert sorted(map(str, ran)) == sorted(map(str, [torch.bfloat16, torch.bfloat16, torch.float16, torch.float16]))
 
 
 def test_the_start_up_report_says_what_the_warm_up_did():

@@ -130,16 +130,21 @@ def start(model, args, settings, where: str = "at SFTTrainer()") -> bool:
     return True
 
 
-def start_task(name: str, launch) -> bool:
+def start_task(name: str, launch, key=None) -> bool:
     """Compile kernels that are not ours but that the first step would compile (TRL's fused LM head),
     beside ours, on a thread of their own: ``launch(device, compute_dtype)`` runs them once. Only once
     a warm-up of ours was begun in this process (so on a CUDA GPU with Triton), on its device and
     compute dtype — also when ours already finished (a dataset that took longer than our kernels).
-    True if begun."""
+    ``key`` (hashable: what the launch specialises on) makes a second start of the same launch on the
+    same device and dtype a no-op. True if begun."""
     with _lock:
         if not _started:  # set with our warm-up's thread, never cleared
             return False
         device, compute_dtype = _started["device"], _started["compute_dtype"]
+        if key is not None:
+            if (name, key, device, compute_dtype) in _begun:
+                return False
+            _begun.add((name, key, device, compute_dtype))
 
     def run():
         import torch

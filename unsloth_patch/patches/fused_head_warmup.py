@@ -8,6 +8,11 @@ this wrapper launches TRL's own function once on a few tokens with the run's voc
 flags and compute dtype — the same specialisations as the real call, so the first step finds them
 compiled. TRL's behaviour is unchanged: the head is added exactly as TRL adds it, and the launch
 touches neither the model nor its gradients (its inputs are made up, of width 16).
+
+``SFTTrainer`` adds the head at the end of its ``__init__``, just before ``train()`` would wait for it,
+so a half-precision model built in a script that imported ``SFTTrainer`` has it warmed already then
+(``start_early``, from ``model_warmup``), with the arguments SFTTrainer passes (``SFT_TRAINER_CALL``);
+the trainer's own call begins nothing when it asks for the same kernels (``warmup.start_task``'s key).
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ TOKENS = 4  # made-up rows of the launch
 WIDTH = 16  # made-up hidden size: the projection is cuBLAS's; the Triton kernels see only the tiles
 
 
+# how SFTTrainer (TRL 1.15+) calls ``add_fused_lm_head``: what a model built for it is warmed with (``start_early``)
+SFT_TRAINER_CALL = dict(temperature=1.0, cast_fp32=False, outputs=("log_probs", "entropy", "is_top1"))
+
+
 def handle_add_fused_lm_head(proceed, instance, args, kwargs):
     result = proceed(*args, **kwargs)
     try:
@@ -28,11 +37,32 @@ def handle_add_fused_lm_head(proceed, instance, args, kwargs):
 
         call = _arguments(trl_utils.add_fused_lm_head, args, kwargs)  # TRL's own function: its signature
         if call is not None:
-            warmup.start_task("TRL fused LM head", lambda device, dtype: launch(device=device, compute_dtype=dtype,
-                                                                               **call))
+            _start(call)
     except Exception as exc:  # the first step compiles them, as without us
         log.logger.debug("TRL fused LM head warm-up not started: %s", exc)
     return result
+
+
+def start_early(model) -> bool:
+    """At the model's construction (``model_warmup``): begin compiling TRL's fused LM head as SFTTrainer will
+    call it, before the trainer exists. When the trainer's call differs, its own start compiles that one."""
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        return False  # a backbone without its head (the inner model of a ``*ForCausalLM``)
+    return _start(dict(model=model, **SFT_TRAINER_CALL))
+
+
+def _start(call) -> bool:
+    return warmup.start_task("TRL fused LM head", lambda device, dtype: launch(device=device, compute_dtype=dtype,
+                                                                               **call), key=_key(call))
+
+
+def _key(call):
+    """What TRL's kernels specialise on in a call: the head's rows and dtype, the softcap and the flags."""
+    model = call["model"]
+    weight = model.get_output_embeddings().weight
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return (int(weight.shape[0]), str(weight.dtype), getattr(text, "final_logit_softcapping", None),
+            call["temperature"], call["cast_fp32"], tuple(call["outputs"]))
 
 
 def _arguments(function, args, kwargs):

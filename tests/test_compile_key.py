@@ -177,5 +177,11 @@ def test_the_warm_up_waits_for_the_key_and_says_so(monkeypatch, fake_triton_key)
                                   "compile_key": {"seconds": 0.5, "where": "in the warm-up", "error": None,
                                                   "waited": 0.5}})
     assert in_warm_up == "4 variants in 2.00 s on compile threads; Triton compile key 0.50 s in the warm-up"
+    done = threading.Thread(target=lambda: None)
+    done.start()
+    done.join()
+    monkeypatch.setattr(warmup, "_threads", [done])
+    monkeypatch.setattr(warmup, "_tasks", [])
+    assert warmup.wait(timeout=5)["compile_key"]["where"] == "at Triton's import"  # train() takes the outcome
     warmup._run([], torch.device("cuda", 0))  # a second trainer's warm-up: nothing left to wait for, nothing said
     assert "compile_key" not in warmup._outcome

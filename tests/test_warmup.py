@@ -186,7 +186,7 @@ def _pretend_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setitem(sys.modules, "unsloth_patch.kernels._triton", types.SimpleNamespace(triton=object()))
-    monkeypatch.setattr(warmup, "_run", lambda specs, device, where="": begun.append((where, list(specs))))
+    monkeypatch.setattr(warmup, "_run", lambda specs, device: begun.append(list(specs)))
     return begun
 
 
@@ -201,9 +201,8 @@ def test_a_half_precision_model_is_warmed_when_built_and_the_trainer_adds_only_w
     assert not begun, "a float32 model's compute dtype is the trainer's to say"
     bf16 = build_model("llama", dtype=torch.bfloat16, **config)
     assert warmup.start(bf16, None, Settings(), where="at model construction") is True
-    warmup.wait(timeout=30)
-    where, specs = begun[-1]
-    assert where == "at model construction"
+    assert warmup.wait(timeout=30)["begun"] == "at model construction"  # what train() reports
+    specs = begun[-1]
     assert kw.AttentionSpec(2, 1, 64, torch.bfloat16, None, None) in specs
     assert warmup._started["compute_dtype"] == torch.bfloat16
     # SFTTrainer(...) with bf16=True: every variant already begun, nothing compiles twice
@@ -211,7 +210,7 @@ def test_a_half_precision_model_is_warmed_when_built_and_the_trainer_adds_only_w
     # fp16 training of the same model: only the variants of the new compute dtype begin
     assert warmup.start(bf16, SimpleNamespace(bf16=False, fp16=True), Settings()) is True
     warmup.wait(timeout=30)
-    _, added = begun[-1]
+    added = begun[-1]
     assert added and all(spec not in specs for spec in added)
     assert kw.AttentionSpec(2, 1, 64, torch.float16, None, None) in added
     assert warmup._started["compute_dtype"] == torch.float16  # TRL's head warms in the trainer's dtype

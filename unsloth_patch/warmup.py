@@ -121,8 +121,7 @@ def start(model, args, settings, where: str = "at SFTTrainer()") -> bool:
         if not new:
             return False
         _begun.update((spec, device) for spec in new)
-        thread = threading.Thread(target=_run, args=(new, device, where), name="unsloth_patch-kernel-warmup",
-                                  daemon=True)
+        thread = threading.Thread(target=_run, args=(new, device), name="unsloth_patch-kernel-warmup", daemon=True)
         _threads.append(thread)
         _outcome.setdefault("begun", where)
         _outcome.setdefault("first_begun_at", time.perf_counter())
@@ -206,7 +205,7 @@ def gpu_driver_visible(environ, exists) -> bool:
     return any(exists(path) for path in _DRIVER_FILES)
 
 
-def _run(specs, device, where: str = "") -> None:
+def _run(specs, device) -> None:
     import torch
 
     from . import compile_key

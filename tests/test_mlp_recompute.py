@@ -366,6 +366,34 @@ def test_pinned_pool_reuses_a_buffer_once_the_copy_that_read_it_finished():
     assert pool.take(9 << 20).numel() == 16 << 20 and pool.allocated == 24 << 20
 
 
+def test_pinned_pool_falls_back_to_pageable_memory_when_pinning_fails(caplog, monkeypatch):
+    from unsloth_patch import log
+    from unsloth_patch.checkpointing import offload
+
+    monkeypatch.setattr(log, "_said", set())  # the warning is said once a process: this test's process here
+
+    attempts = []
+
+    class Pool(offload._PinnedPool):
+        @staticmethod
+        def _allocate(size):
+            attempts.append(size)
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)\nmore")
+
+    pool = Pool()
+    with caplog.at_level("WARNING", logger="unsloth_patch"):
+        first = pool.take(3 << 20)
+        second = pool.take(5 << 20)
+    assert first.numel() == 4 << 20 and second.numel() == 8 << 20 and not first.is_pinned()
+    assert attempts == [4 << 20], "pinning is not tried again once it failed"
+    assert pool.pageable.startswith("RuntimeError: CUDA error: out of memory") and pool.allocated == 12 << 20
+    assert sum("could not be pinned" in r.getMessage() for r in caplog.records) == 1
+    data = torch.randn(3 << 18)  # a saved input's bytes round-trip through the pageable buffer unchanged
+    host = first[:data.numel() * 4].view(torch.float32)
+    host.copy_(data)
+    assert torch.equal(host.clone(), data)
+
+
 def test_offloaded_inputs_fetch_the_nearest_unused_ones_ahead():
     import weakref
 

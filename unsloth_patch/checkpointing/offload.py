@@ -5,7 +5,8 @@ call, so only the checkpoint's saved inputs (tensors of at least ``OFFLOAD_MIN_B
 
 * the device-to-host copy runs on a side CUDA stream, after the work that made the tensor, into a buffer
   of a pinned pool kept across steps (``cudaHostAlloc`` is slow and synchronises the device, and a run's
-  saved inputs change size with every batch);
+  saved inputs change size with every batch); where memory cannot be pinned (a locked-memory limit), the
+  pool hands out pageable buffers, with one warning: the same results, copies that do not overlap;
 * in the backward, using one saved input starts copying the nearest unused earlier ones back
   (``PREFETCH``: a decoder layer's hidden states and its two rotary tables), so the next layer's inputs
   arrive while this layer is recomputed;
@@ -17,8 +18,10 @@ On a CPU (the probe's simulated budget) a saved input is cloned outside the live
 
 from __future__ import annotations
 
+import logging
 import weakref
 
+from .. import log
 from .meter import LiveBytes
 
 OFFLOAD_MIN_BYTES = 1 << 20  # smaller saved inputs (boundaries, rotary tables) stay on the device
@@ -72,7 +75,8 @@ class _PinnedPool:
 
     def __init__(self):
         self.free: dict = {}  # bucket bytes -> [(uint8 buffer, event of its last read or None)]
-        self.allocated = 0  # bytes of pinned memory this pool ever allocated
+        self.allocated = 0  # bytes of host memory this pool ever allocated
+        self.pageable = None  # why pinning failed, once it has: later buffers are pageable
 
     @staticmethod
     def bucket(nbytes: int) -> int:
@@ -85,14 +89,32 @@ class _PinnedPool:
             if event is None or event.query():
                 del waiting[i]
                 return buffer
+        if self.pageable is None:
+            try:
+                buffer = self._allocate(size)
+            except RuntimeError as exc:  # locked-memory limit, no pinning in a container: pageable from now on
+                self.pageable = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                log.once(("offload-pageable",), logging.WARNING,
+                         "checkpoint offload: host memory could not be pinned (%s); saved layer inputs go to "
+                         "pageable memory, whose copies do not overlap with compute (slower, same results)",
+                         self.pageable)
+            else:
+                self.allocated += size
+                return buffer
         self.allocated += size
-        return self._allocate(size)
+        return self._allocate_pageable(size)
 
     @staticmethod
     def _allocate(size: int):
         import torch
 
         return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    @staticmethod
+    def _allocate_pageable(size: int):
+        import torch
+
+        return torch.empty(size, dtype=torch.uint8)
 
     def give(self, state: list) -> None:
         buffer, event = state

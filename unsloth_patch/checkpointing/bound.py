@@ -21,6 +21,10 @@ higher than HF's modules or ours keep it:
   ``train()``'s ``lora_inputs`` edit on every LoRA layer: no dropout, no float32 cast), a copy of
   every adapted input and a one-byte mask (PEFT's cast and dropout).
 
+* bitsandbytes 4-bit weights: their dense copies live only while a projection (or a fused group of
+  them) runs, forward or backward; twice the eight largest are counted (``dequant_bytes``). Other
+  quantisations (8-bit) are not bounded.
+
 Plus the embedding output and final norm, one more layer's worth as backward workspace, the
 logits (``vocab · (2b + 20)`` per token: the logits, their fp32 upcast, log-probabilities, the
 gradient in fp32 and ``b``), the gradients, and 10% for allocator rounding.
@@ -60,6 +64,8 @@ class StepShape:
     lora_input_copies: bool = True  # LoRA adapters may keep copies of their inputs (PEFT's cast, dropout)
     lora_rank_bytes: int = 0  # per token, the adapters' low-rank activations summed over every LoRA layer
     quantized: bool = False
+    quantization: str = ""  # "4bit": every quantized weight is bitsandbytes 4-bit (bounded); else not bounded
+    dequant_bytes: int = 0  # the dense copies of 4-bit weights that can be live at once
     experts: int = 0  # > 0: a mixture of experts
 
 
@@ -69,8 +75,8 @@ def why_not_bounded(shape: StepShape) -> Optional[str]:
         return f"model type {shape.model_type!r} is not one of the dense layouts bounded here"
     if shape.experts:
         return "a mixture of experts"
-    if shape.quantized:
-        return "quantized weights (dequantisation buffers are not modelled)"
+    if shape.quantized and shape.quantization != "4bit":
+        return "quantized weights other than bitsandbytes 4-bit (their buffers are not modelled)"
     if shape.attention not in LINEAR_MEMORY_ATTENTION:
         return f"attention {shape.attention!r} may keep a tokens x tokens matrix"
     if min(shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim,
@@ -103,5 +109,5 @@ def upper_bound(shape: StepShape) -> Optional[int]:
     per_token += 14 * shape.hidden  # embedding output, final norm
     per_token += shape.vocab * (2 * b + 20)
     per_token += shape.lora_rank_bytes
-    dynamic = shape.tokens * per_token + shape.gradient_bytes
+    dynamic = shape.tokens * per_token + shape.gradient_bytes + shape.dequant_bytes
     return int(shape.resident_bytes + ROUNDING * dynamic)

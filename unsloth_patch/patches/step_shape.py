@@ -47,6 +47,13 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
     quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                      or getattr(config, "quantization_config", None) is not None
                      or any(not p.is_floating_point() for p in parameters))
+    four_bit = [p for p in parameters if _is_4bit(p)]
+    packed_others = [p for p in parameters if not p.is_floating_point() and not _is_4bit(p)]
+    only_4bit = bool(four_bit) and not packed_others and not getattr(base, "is_loaded_in_8bit", False)
+    # a projection's (or a fused group's) dense weights live while it runs, forward or backward: twice the
+    # eight largest (a decoder layer has seven projections) stay above what can be live at once
+    dense = sorted(_dense_numel(p) for p in four_bit)
+    dequant = 2 * sum(dense[-8:]) * activation
     return policy.StepShape(
         model_type=str(getattr(text, "model_type", "") or getattr(config, "model_type", "")),
         attention=str(getattr(config, "_attn_implementation", None) or getattr(text, "_attn_implementation", "")),
@@ -65,8 +72,33 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
         lora_input_copies=lora and not _adapters_read_base_inputs(model, lora_layers, mixed),
         lora_rank_bytes=_low_rank_bytes(lora_layers, activation),
         quantized=quantized,
+        quantization="4bit" if quantized and only_4bit else ("other" if quantized else ""),
+        dequant_bytes=dequant if only_4bit else 0,
         experts=max(size(name) for name in _EXPERT_FIELDS),
     )
+
+
+def _is_4bit(parameter) -> bool:
+    """A bitsandbytes 4-bit weight (``Params4bit``: packed, with the quant state it dequantises by)."""
+    return type(parameter).__name__ == "Params4bit" and getattr(parameter, "quant_state", None) is not None
+
+
+def _dense_numel(parameter) -> int:
+    shape = getattr(parameter.quant_state, "shape", None)
+    if shape is not None:
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        return numel
+    return 2 * parameter.numel()  # two 4-bit values a byte
+
+
+def _compute_dtype(layer):
+    """The dtype a LoRA layer's base computes in: its weight's, or for a 4-bit weight the one it dequantises to."""
+    weight = getattr(layer.base_layer, "weight", None)
+    if weight is not None and _is_4bit(weight):
+        return getattr(weight.quant_state, "dtype", None)
+    return getattr(weight, "dtype", None)
 
 
 def _lora_layers(model) -> list:
@@ -77,10 +109,11 @@ def _lora_layers(model) -> list:
 
 def _adapters_read_base_inputs(model, layers, mixed) -> bool:
     """Whether, under autocast, every LoRA layer's adapters read the very tensor its base layer reads, so
-    that they keep no copy of it: this ``train()``'s ``lora_inputs`` edit is on every one (which implies no
-    dropout and PEFT's plain layer), and the model computes in the autocast dtype already (its embeddings
-    and base weights in it), so autocast casts no input either. Anything else (dropout, DoRA, the edit
-    turned off, no autocast, float32 weights under autocast) counts the copies."""
+    that they keep no copy of it: this ``train()``'s ``lora_inputs`` edit is on every plain LoRA layer
+    (which implies no dropout), PEFT's 4-bit layers (which skip the cast under autocast) have no dropout
+    and no variant, and the model computes in the autocast dtype already (its embeddings and base weights
+    in it, a 4-bit weight dequantising to it), so autocast casts no input either. Anything else (dropout,
+    DoRA, the edit turned off, no autocast, float32 weights under autocast) counts the copies."""
     import torch
 
     from ..lora_inputs import keeps_input
@@ -89,11 +122,22 @@ def _adapters_read_base_inputs(model, layers, mixed) -> bool:
     if dtype is None or not layers:
         return False
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weights = [getattr(m.base_layer, "weight", None) for m in layers]
-    if embeddings is not None:
-        weights.append(getattr(embeddings, "weight", None))
-    return (all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in weights)
-            and all(keeps_input(m) for m in layers))
+    if embeddings is not None and getattr(getattr(embeddings, "weight", None), "dtype", None) != dtype:
+        return False
+    return all(_compute_dtype(m) == dtype and (keeps_input(m) or _plain_4bit_layer(m)) for m in layers)
+
+
+def _plain_4bit_layer(layer) -> bool:
+    """PEFT's LoRA layer on a bitsandbytes 4-bit base, vanilla adapters without dropout: under autocast it
+    hands the input to the adapters as it is (PEFT converts it only without autocast)."""
+    import torch
+
+    weight = getattr(layer.base_layer, "weight", None)
+    if weight is None or not _is_4bit(weight) or getattr(layer, "lora_variant", None):
+        return False
+    dropouts = getattr(layer, "lora_dropout", None)
+    return dropouts is not None and hasattr(dropouts, "values") and all(
+        isinstance(d, torch.nn.Identity) for d in dropouts.values())
 
 
 def _low_rank_bytes(layers, activation: int) -> int:

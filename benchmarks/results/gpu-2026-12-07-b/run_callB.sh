@@ -1,5 +1,6 @@
 #!/bin/bash
 # 2026-12-07 (second session), call B. Carry: .whl, .whl-peers-b, benchmarks/out/data.
+# NOT RUN in the second session of 2026-12-07 (no device time left): prepared for the next one.
 # LORA on the reference workload, one benchmark run, each row a fresh process with a cold Triton cache:
 # Unsloth 2026.10.9, this build at Unsloth's measured peak (memory-matched), stock TRL + PEFT, this build
 # without a budget (the user's default).

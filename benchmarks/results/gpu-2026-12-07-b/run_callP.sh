@@ -1,5 +1,6 @@
 #!/bin/bash
 # 2026-12-07 (second session), call P: where the QLoRA step at Unsloth's memory goes. Carry: .whl, benchmarks/out/data.
+# Only its first profile ran (run_callP_partial.sh): the device time ran out.
 # torch profiler over 10 steady steps (after 10 untraced), benchmarks/profile_step.py: QLoRA at a 2.09 GiB budget
 # (the policy offloads), QLoRA with TRL's plain checkpointing (UNSLOTH_PATCH_CHECKPOINTING=off), QLoRA without a
 # budget (no checkpointing).

@@ -74,6 +74,12 @@ def layer_reason(module) -> Optional[str]:
         return "this PEFT casts the input inline (no _cast_input_dtype)"
     if "_cast_input_dtype" in vars(module):
         return "its _cast_input_dtype is already replaced on the instance"
+    return adapters_reason(module)
+
+
+def adapters_reason(module) -> Optional[str]:
+    """Why this LoRA layer's adapters may use their input beyond the plain ``lora_B(lora_A(x))`` (a variant,
+    dropout), so that a copy of it can be kept; None when they are vanilla LoRA without dropout."""
     if getattr(module, "lora_variant", None):
         return "a LoRA variant (e.g. DoRA) uses the input beyond the adapter's matmul: left to PEFT"
     dropouts = getattr(module, "lora_dropout", None)

@@ -30,7 +30,6 @@ _begun: set = set()  # (spec, device) begun in this process: compiled or compili
 _outcome: dict = {}
 _started: dict = {}  # device and compute dtype of the warm-up begun last (for start_task)
 _tasks: list = []  # threads of start_task, joined by wait()
-HALF = ("bfloat16", "float16")  # a model built in these computes in them: its warm-up needs no arguments
 
 
 def specs_for(model_config, compute_dtype, param_dtype, settings) -> list:
@@ -95,8 +94,8 @@ def start(model, args, settings, where: str = "at SFTTrainer()") -> bool:
             return False
         parameter = next(iter(model.parameters()), None)
         param_dtype = parameter.dtype if parameter is not None else torch.float32
-        if args is None:
-            if str(param_dtype).rsplit(".", 1)[-1] not in HALF:
+        if args is None:  # a half-precision model computes in its own dtype: no arguments needed
+            if param_dtype not in (torch.bfloat16, torch.float16):
                 return False
             compute_dtype = param_dtype
         elif getattr(args, "bf16", False):

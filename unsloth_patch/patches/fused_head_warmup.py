@@ -60,9 +60,14 @@ def _key(call):
     """What TRL's kernels specialise on in a call: the head's rows and dtype, the softcap and the flags."""
     model = call["model"]
     weight = model.get_output_embeddings().weight
+    return (int(weight.shape[0]), str(weight.dtype), _softcap(model), call["temperature"], call["cast_fp32"],
+            tuple(call["outputs"]))
+
+
+def _softcap(model):
+    """The final logits' soft-capping of ``model``'s text config (None: none)."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return (int(weight.shape[0]), str(weight.dtype), getattr(text, "final_logit_softcapping", None),
-            call["temperature"], call["cast_fp32"], tuple(call["outputs"]))
+    return getattr(text, "final_logit_softcapping", None)
 
 
 def _arguments(function, args, kwargs):
@@ -88,8 +93,7 @@ def launch(model, temperature, cast_fp32, outputs, device, compute_dtype):
     chunk_size = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    softcap = getattr(text, "final_logit_softcapping", None)
+    softcap = _softcap(model)
     gen = own_generator(device)  # never the user's random streams (LoRA init, dropout)
     weight = normal(gen, vocab, WIDTH, device=device, dtype=head.weight.dtype)
     hidden = normal(gen, TOKENS, WIDTH, device=device, dtype=torch.float32 if cast_fp32 else compute_dtype)

@@ -6,6 +6,8 @@ device already holds. The bound itself, and whether it fits, are decided elsewhe
 
 from __future__ import annotations
 
+import math
+
 from .. import checkpointing as policy
 from .trainer_facts import base_model
 
@@ -86,10 +88,7 @@ def _is_4bit(parameter) -> bool:
 def _dense_numel(parameter) -> int:
     shape = getattr(parameter.quant_state, "shape", None)
     if shape is not None:
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        return numel
+        return math.prod(int(size) for size in shape)
     return 2 * parameter.numel()  # two 4-bit values a byte
 
 
@@ -130,14 +129,10 @@ def _adapters_read_base_inputs(model, layers, mixed) -> bool:
 def _plain_4bit_layer(layer) -> bool:
     """PEFT's LoRA layer on a bitsandbytes 4-bit base, vanilla adapters without dropout: under autocast it
     hands the input to the adapters as it is (PEFT converts it only without autocast)."""
-    import torch
+    from ..lora_inputs import adapters_reason
 
     weight = getattr(layer.base_layer, "weight", None)
-    if weight is None or not _is_4bit(weight) or getattr(layer, "lora_variant", None):
-        return False
-    dropouts = getattr(layer, "lora_dropout", None)
-    return dropouts is not None and hasattr(dropouts, "values") and all(
-        isinstance(d, torch.nn.Identity) for d in dropouts.values())
+    return weight is not None and _is_4bit(weight) and adapters_reason(layer) is None
 
 
 def _low_rank_bytes(layers, activation: int) -> int:

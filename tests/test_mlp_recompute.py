@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 import unsloth_patch  # noqa: E402  (activates the patches before TRL/transformers load)
 from unsloth_patch import checkpointing as policy  # noqa: E402
 from unsloth_patch import layers, mlp_recompute  # noqa: E402
+from unsloth_patch.checkpointing import mlp_chunk  # noqa: E402
 from unsloth_patch.edits import Edits  # noqa: E402
 from unsloth_patch.kernels import chunked_mlp  # noqa: E402
 from unsloth_patch.kernels.chunked_mlp import Projection, chunked_gated_mlp  # noqa: E402
@@ -295,9 +296,17 @@ def test_probe_chooses_it_and_training_matches_full_checkpointing(adapter, token
     faster = min(predicted["none"], predicted["selective"])  # the candidates probed before it hold more
     assert faster > predicted["mlp_recompute"], predicted
     use_settings(memory_budget_gb=((faster + predicted["mlp_recompute"]) / 2 + extra) / policy.GIB)
+    chunks = []
+    real = chunked_mlp.chunked_gated_mlp
+    monkeypatch.setattr(chunked_mlp, "chunked_gated_mlp", lambda *a, **k: chunks.append(k["chunk"]) or real(*a, **k))
     trainer.train()
     decision = policy.last_decision()
     assert decision.policy == "mlp_recompute", decision.summary()
+    # the chunk is sized from the room left under the budget (here too little to grow) and is what the run uses
+    chosen = decision.mlp_chunk
+    assert chosen.probed == 64 and chosen.bytes_per_token == 4 * 2048 * 4, chosen
+    assert chosen.reason in decision.summary()
+    assert set(chunks) == {chosen.tokens} and len(chunks) >= 2 * 2 * 4  # the probe's steps, then the 4 steps'
     got = losses(trainer)
     assert len(got) == len(reference) == 4
     for a, b in zip(reference, got):
@@ -323,11 +332,98 @@ def test_offload_recomputes_the_mlps_the_same_way(tokenizer, dataset, tmp_path, 
         assert abs(a - b) <= 1e-4 * abs(a), runs
 
 
+def test_a_larger_chunk_is_used_by_the_run_and_trains_the_same(tokenizer, dataset, tmp_path, fused_on_this_cpu,
+                                                                 monkeypatch):
+    if layers._mlp_activation(build_model("llama", vocab_size=64, num_layers=1).model.layers[0].mlp)[0] is None:
+        pytest.skip("no fused MLP on this transformers (LlamaMLP.forward with a pretraining_tp branch)")
+    runs, chunks = {}, []
+    real = chunked_mlp.chunked_gated_mlp
+    monkeypatch.setattr(chunked_mlp, "chunked_gated_mlp", lambda *a, **k: chunks.append(k["chunk"]) or real(*a, **k))
+    larger = mlp_chunk.Chunk(256, (256 - 64) * 4 * 2048 * 4, "room under the budget", 64, 4 * 2048 * 4)
+    for name, chunk in (("probed", None), ("larger", larger)):
+        trainer = _trainer(tokenizer, dataset, tmp_path / name)
+        forced = policy.Decision("mlp_recompute", "forced", probed=True, mlp_chunk=chunk)
+        with monkeypatch.context() as m:
+            m.setattr(wiring, "decide", lambda trainer, settings: forced)
+            trainer.train()
+        runs[name] = losses(trainer)
+        assert not any(hasattr(m, mlp_recompute.CHUNK) for m in trainer.model.modules())  # put back after train()
+    assert chunks == [64] * 16 + [256] * 16  # 2 layers x forward and recomputation x 4 steps, each run
+    for a, b in zip(runs["probed"], runs["larger"]):
+        assert abs(a - b) <= 1e-4 * abs(a), runs
+
+
 def test_turned_off_by_name(tokenizer, dataset, tmp_path, fused_on_this_cpu, use_settings):
     use_settings(kernels_off=("rope", "mlp_recompute"), memory_budget_gb=64.0)
     trainer = _trainer(tokenizer, dataset, tmp_path, max_steps=1)
     decision = wiring._decide_locally(trainer, Settings(kernels_off=("rope", "mlp_recompute"), memory_budget_gb=64.0))
     assert decision.rejected["mlp_recompute"] == "turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_recompute"
+
+
+MIB = 1 << 20
+PER_TOKEN = 4 * 5632 * 2  # the 1.1B Llama's four intermediate-wide bf16 tensors per token
+
+
+def test_chunks_grow_into_half_the_room_left_under_the_budget():
+    chunk = mlp_chunk.choose("mlp_recompute", budget=2048 * MIB, peak=1600 * MIB, extra=48 * MIB,
+                             bytes_per_token=PER_TOKEN, batch_tokens=16384, probed=2048)
+    assert chunk.changed and chunk.tokens % mlp_chunk.ROUND == 0
+    half_room = 200 * MIB
+    assert chunk.extra_bytes == (chunk.tokens - 2048) * PER_TOKEN <= half_room
+    assert half_room - chunk.extra_bytes < mlp_chunk.ROUND * PER_TOKEN  # no whole step of 256 tokens left over
+    assert chunk.extra_at(1000) == 0  # a batch within one probed chunk holds the same
+    assert chunk.extra_at(5000) == (5000 - 2048) * PER_TOKEN
+    assert chunk.extra_at(10 ** 6) == chunk.extra_bytes  # never more than at the worst batch
+    assert f"{chunk.tokens}-token MLP chunks" in chunk.reason and "probed 2048-token" in chunk.reason
+
+
+def test_chunks_never_exceed_the_largest_batch_nor_a_budget_without_room():
+    whole = mlp_chunk.choose("offload", 8192 * MIB, 1000 * MIB, 0, PER_TOKEN, batch_tokens=3000, probed=2048)
+    assert whole.tokens == 3000 and "(the whole batch)" in whole.reason
+    assert whole.extra_bytes == (3000 - 2048) * PER_TOKEN
+    full = mlp_chunk.choose("mlp_recompute", 2000 * MIB, 1990 * MIB, 20 * MIB, PER_TOKEN, 16384, 2048)
+    assert (full.tokens, full.extra_bytes, full.changed) == (2048, 0, False) and "too little" in full.reason
+    small = mlp_chunk.choose("mlp_recompute", 8192 * MIB, 1000 * MIB, 0, PER_TOKEN, batch_tokens=1500, probed=2048)
+    assert small.tokens == 2048 and "no batch exceeds one chunk" in small.reason
+    unknown = mlp_chunk.choose("mlp_recompute", 8192 * MIB, 1000 * MIB, 0, 0, 16384, 2048)
+    assert unknown.tokens == 2048 and "not known" in unknown.reason
+    for name in ("none", "selective", "full"):  # their MLPs do not run chunked
+        assert mlp_chunk.choose(name, 8192 * MIB, 1000 * MIB, 0, PER_TOKEN, 16384, 2048) is None
+    with pytest.raises(ValueError, match="positive chunk size"):
+        mlp_chunk.choose("mlp_recompute", 8192 * MIB, 1000 * MIB, 0, PER_TOKEN, 16384, probed=0)
+
+
+def test_a_run_sets_the_chunk_of_each_marked_mlp_and_puts_it_back():
+    model = build_model("llama", vocab_size=64, num_layers=2, intermediate_size=96)
+    edits = Edits()
+    for layer in model.model.layers:
+        edits.setattr(layer.mlp, "_unsloth_activation", "silu")
+    assert mlp_recompute.bytes_per_token(model, 2) == 0  # nothing marked
+    edits.setattr(model.model.layers[1].mlp, mlp_recompute.MARK, True)
+    assert mlp_recompute.bytes_per_token(model, 2) == 4 * 96 * 2
+    assert mlp_recompute.default_chunk() == chunked_mlp.CHUNK_TOKENS
+    run = Edits()
+    assert mlp_recompute.set_chunk(model, 5, run) == 1
+    mlp, x = model.model.layers[1].mlp, torch.randn(2, 7, 64)
+    with mlp_recompute.layer_call(recomputing=False):
+        torch.testing.assert_close(mlp_recompute.forward(mlp, x), type(mlp).forward(mlp, x), rtol=1e-5, atol=1e-6)
+    assert getattr(mlp, mlp_recompute.CHUNK) == 5
+    run.rollback()
+    assert not hasattr(mlp, mlp_recompute.CHUNK)
+    edits.rollback()
+
+
+def test_the_prediction_for_the_batches_seen_counts_the_larger_chunks(monkeypatch):
+    from unsloth_patch.patches import seen_batches
+
+    chunk = mlp_chunk.choose("mlp_recompute", 2048 * MIB, 1600 * MIB, 48 * MIB, PER_TOKEN, 16384, 2048)
+    decision = policy.Decision("mlp_recompute", "test", probed=True, extra_bytes=48 * MIB, longest=2048,
+                               chosen_steps=["measured steps"], mlp_chunk=chunk)
+    monkeypatch.setattr(policy, "peak_at", lambda steps, sequences: 1000 * MIB)
+    largest = seen_batches._Largest()
+    largest.tokens = 5000
+    seen_batches.settle(decision, largest)
+    assert decision.predicted_seen_bytes == 1000 * MIB + 48 * MIB + (5000 - 2048) * PER_TOKEN
 
 
 def test_chunk_default_bounds_what_one_chunk_holds():

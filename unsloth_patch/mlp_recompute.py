@@ -31,6 +31,7 @@ from typing import Optional
 from . import lora_fusion, source_ast
 
 MARK = "_unsloth_mlp_last"  # set on a fused MLP whose layer uses its output only in additions
+CHUNK = "_unsloth_mlp_chunk"  # tokens per chunk, set for a run whose budget leaves room (checkpointing/mlp_chunk.py)
 _state = threading.local()  # the backward's recomputation runs on autograd's device thread
 
 
@@ -93,8 +94,9 @@ def forward(mlp, x):
         return None
     from .kernels import chunked_mlp
 
+    chunk = getattr(mlp, CHUNK, None) or chunked_mlp.CHUNK_TOKENS
     return chunked_mlp.chunked_gated_mlp(x, *projections, activation=mlp._unsloth_activation, dtype=dtype,
-                                         chunk=chunked_mlp.CHUNK_TOKENS, skip=current == "recompute")
+                                         chunk=chunk, skip=current == "recompute")
 
 
 def available(model) -> tuple:
@@ -114,6 +116,33 @@ def available(model) -> tuple:
     if not count:
         return 0, "no fused gated MLP (fused kernels off, not on a GPU, or no Llama-style MLP)"
     return count, ""
+
+
+def default_chunk() -> int:
+    """The chunk, in tokens, an MLP runs with unless a run sets its own (what the probe measures)."""
+    from .kernels import chunked_mlp
+
+    return chunked_mlp.CHUNK_TOKENS
+
+
+def _marked(model):
+    return [m for m in model.modules() if getattr(m, MARK, False) and getattr(m, "_unsloth_activation", None)]
+
+
+def bytes_per_token(model, itemsize: int) -> int:
+    """What one token of a chunk holds at the backward's peak: four intermediate-wide tensors (the
+    recomputed gate, up and product, and the product's gradient) of ``itemsize`` bytes, for the widest
+    marked MLP; 0 when there is none."""
+    widths = [getattr(getattr(m, "gate_proj", None), "out_features", 0) or 0 for m in _marked(model)]
+    return 4 * max(widths, default=0) * itemsize
+
+
+def set_chunk(model, tokens: int, edits) -> int:
+    """Run each marked MLP of ``model`` in chunks of ``tokens`` tokens, through ``edits``; returns how many."""
+    marked = _marked(model)
+    for module in marked:
+        edits.setattr(module, CHUNK, int(tokens))
+    return len(marked)
 
 
 def mark_last_mlps(model, edits, fused_mlp) -> int:

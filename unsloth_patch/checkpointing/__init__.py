@@ -22,7 +22,8 @@ One reason to change per module: ``policy`` (the decision, pure), ``estimate``
 no-checkpointing step from the model's shape, which lets a roomy card skip the probe, pure), ``functions`` (the checkpoint functions
 the policies install), ``offload`` (offloaded checkpoints' host side: pinned pool, copies, prefetch), ``meter`` (per-phase peaks: live tensor bytes on a CPU, the allocator on
 CUDA; the CUDA cap), ``probe`` (one step and what it restores), ``ladder`` (which steps run, each
-predicted first). ``patches/checkpointing.py`` wires it into ``Trainer.train``.
+predicted first), ``mlp_chunk`` (how many tokens a chunked MLP takes at once, from the room left under
+the budget, pure). ``patches/checkpointing.py`` wires it into ``Trainer.train``.
 """
 
 from .functions import (CHECKPOINT_FUNCTIONS, OFFLOAD_MIN_BYTES, checkpoint_function, checkpoint_offload,

@@ -40,6 +40,7 @@ class Decision:
     chosen_steps: list = field(default_factory=list)  # the chosen candidate's measured steps (estimate.Step)
     seen_sequences: Optional[float] = None  # after train(): the largest batch it drew, in sequence-equivalents
     predicted_seen_bytes: Optional[int] = None  # after train(): the model's peak for that batch, plus the extra
+    mlp_chunk: Optional[object] = None  # mlp_chunk.Chunk: the chunked MLPs' token chunk (chunked policies only)
 
     @property
     def changes_training(self) -> bool:
@@ -60,7 +61,8 @@ class Decision:
         rejected = "".join(f"; {name} rejected: {why}" for name, why in self.rejected.items())
         return (f"checkpointing: {self.policy} ({self.reason}); probed peaks: {probed}; "
                 f"later extra: {gib(self.extra_bytes)}; budget: {gib(self.budget_bytes)}; "
-                f"card: {gib(self.card_bytes)} [{self.device or 'n/a'}]{rejected}")
+                f"card: {gib(self.card_bytes)} [{self.device or 'n/a'}]{rejected}"
+                f"{'; ' + self.mlp_chunk.reason if self.mlp_chunk is not None else ''}")
 
 
 _last: Optional[Decision] = None

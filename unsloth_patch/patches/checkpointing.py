@@ -10,16 +10,17 @@ function is installed on the model's layers directly. The arguments are restored
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from .. import checkpointing as policy
+from ..checkpointing import mlp_chunk
 from .. import log, mlp_recompute, startup
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
 from . import seen_batches
 from .config_fields import was_explicit
+from .probe_loss import trainer_loss
 from .step_shape import step_shape
 from .trainer_facts import base_model, dataset_lengths, max_length_of
 from .training_edits import train_collator
@@ -44,6 +45,8 @@ def handle_train(proceed, trainer, args, kwargs):
     try:
         if decision.changes_training:
             apply(trainer, decision.policy, edits)
+            if decision.mlp_chunk is not None and decision.mlp_chunk.changed:
+                mlp_recompute.set_chunk(_model(trainer), decision.mlp_chunk.tokens, edits)
         elif decision.probed:
             _input_grads_for_reentrant(trainer)
         watch = seen_batches.watch(trainer, decision, edits)
@@ -226,6 +229,7 @@ def decide(trainer, settings) -> policy.Decision:
         decision.reason += f"; ranks agreed on the more conservative {agreed}"
         decision.policy = agreed
         decision.chosen_steps = []  # measured for this rank's own choice, not the agreed one
+        decision.mlp_chunk = None  # sized for this rank's own choice: the agreed one runs the probed chunks
     if decision.policy != "full":
         decision.probed = True
     return decision
@@ -297,6 +301,11 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         decision.chosen_steps = list(ladder.steps.get(chosen, ()))
         decision.reason = ("fastest candidate whose probed peak plus optimizer state fits the budget"
                            if chosen != "full" else "only full checkpointing fits the budget")
+        itemsize = 2 if mixed or next((p.element_size() < 4 for p in params if p.is_floating_point()), False) else 4
+        decision.mlp_chunk = mlp_chunk.choose(chosen, budget, peaks.get(chosen), extra,
+                                              mlp_recompute.bytes_per_token(model, itemsize),
+                                              sum(spec.lengths) if spec.flat else len(spec.lengths) * max(spec.lengths),
+                                              mlp_recompute.default_chunk())
     decision.probed = True
     decision.bound_bytes, decision.bound_note = bound, note
     return decision
@@ -312,66 +321,6 @@ def bound_of(trainer, spec, mixed, device):
         return None, "the model's config does not give the sizes the bound needs"
     why = policy.why_not_bounded(shape)
     return (None, why) if why else (policy.upper_bound(shape), "")
-
-
-_COLLECTIVES = ("gather", "gather_for_metrics", "reduce", "pad_across_processes")
-
-
-def trainer_loss(trainer):
-    """The trainer's own ``compute_loss`` (TRL's fused LM head, its metrics' extra work) for the probe,
-    with the bookkeeping it touches (TRL's metric lists and token counters) put back afterwards.
-
-    Its metric gathers stay local to this process: ranks probe different candidates (each stops at
-    its first fit, or runs out of memory), so a collective inside the probe would pair one rank's
-    gather with another's next step — a hang. The probe's metrics are discarded anyway. It runs in
-    the trainer's ``compute_loss_context_manager`` (transformers 4.x's CPU autocast), as a step does.
-    """
-    def loss_fn(model, batch):
-        saved = _bookkeeping(trainer)
-        accelerator = getattr(trainer, "accelerator", None)
-        local = {name: vars(accelerator).get(name) for name in _COLLECTIVES if hasattr(accelerator, name)}
-        for name in local:
-            setattr(accelerator, name, _local_collective(name))
-        context = getattr(trainer, "compute_loss_context_manager", None)
-        try:
-            with context() if context is not None else contextlib.nullcontext():
-                return trainer.compute_loss(model, dict(batch))
-        finally:
-            for name, value in saved.items():
-                setattr(trainer, name, value)
-            for name, value in local.items():
-                if value is None:
-                    delattr(accelerator, name)
-                else:
-                    setattr(accelerator, name, value)
-
-    return loss_fn
-
-
-def _local_collective(name):
-    def collective(tensor, *args, **kwargs):  # this process's value, as with one process
-        return tensor
-
-    collective.__name__ = name
-    return collective
-
-
-def _bookkeeping(trainer) -> dict:
-    """Copies of the trainer's private counters and metric logs, which a ``compute_loss`` call updates."""
-    import copy
-
-    return {name: copy.deepcopy(value) for name, value in vars(trainer).items()
-            if name.startswith("_") and not isinstance(value, bool) and _plain(value)}
-
-
-def _plain(value, depth: int = 0) -> bool:
-    """Numbers, strings and small containers of them (TRL's ``_metrics``, ``_total_train_tokens``)."""
-    if isinstance(value, (int, float, str)):
-        return depth > 0 or not isinstance(value, str)
-    if depth > 3 or not isinstance(value, (dict, list)) or len(value) > 10_000:
-        return False
-    items = value.items() if isinstance(value, dict) else enumerate(value)
-    return all(isinstance(k, (str, int)) and _plain(v, depth + 1) for k, v in items)
 
 
 # --------------------------------------------------------------------------- applying

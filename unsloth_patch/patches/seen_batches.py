@@ -5,7 +5,8 @@ chosen policy can never run out of memory; a run's batches are usually smaller, 
 figure says little about how good the memory model is. While ``train()`` runs, each training step's
 batch size is noted (its tokens, padded or flat: host metadata, no device sync); when it returns,
 the chosen candidate's measured steps give the peak at the largest batch seen
-(``estimate.peak_at``), plus the later extra, in the decision (``seen_sequences``,
+(``estimate.peak_at``), plus the later extra and what chunks larger than the probed ones add
+(``mlp_chunk``), in the decision (``seen_sequences``,
 ``predicted_seen_bytes``) -- the figure to hold against the run's measured peak. Only where the probe
 measured the chosen policy.
 """
@@ -49,6 +50,7 @@ def settle(decision, largest: Optional[_Largest]) -> None:
     try:
         decision.seen_sequences = largest.tokens / decision.longest
         peak = policy.peak_at(decision.chosen_steps, decision.seen_sequences)
-        decision.predicted_seen_bytes = None if peak is None else peak + decision.extra_bytes
+        chunk = decision.mlp_chunk.extra_at(largest.tokens) if decision.mlp_chunk is not None else 0
+        decision.predicted_seen_bytes = None if peak is None else peak + decision.extra_bytes + chunk
     except Exception as exc:  # a report only: never the user's run
         log.logger.debug("no prediction for the batches seen: %s", exc)

@@ -451,6 +451,41 @@ def test_a_4bit_base_dequantises_bit_for_bit_as_bitsandbytes_and_trains_as_peft(
         projections(torch.randn(2, 64), [part._replace(weight=part.weight.float().requires_grad_())])
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_4bit_scales_are_dequantised_once_and_the_weight_stays_bit_for_bit_bitsandbytes(nested, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes import functional
+    from unsloth_patch.kernels import projection
+
+    dense = torch.randn(96, 64, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=nested)
+    weight = weight._quantize("cpu") if not hasattr(weight, "quant_state") or weight.quant_state is None else weight
+    state = weight.quant_state
+    expected = functional.dequantize_4bit(weight.data, state).to(torch.bfloat16)
+    calls = []
+    real = functional.dequantize_blockwise
+    monkeypatch.setattr(functional, "dequantize_blockwise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(3):  # forward, recomputation, backward
+        assert torch.equal(projection.dense_weight(weight.data, state, torch.bfloat16), expected)
+    assert len(calls) == (1 if nested else 0)
+    assert projection.absmax_cache_bytes(96 * 64, state) == (96 * 64 // state.blocksize * 4 if nested else 0)
+    if nested:  # new stored scales (a re-quantised or moved state): dequantised again, from the new ones
+        state.absmax = state.absmax.clone()
+        assert torch.equal(projection.dense_weight(weight.data, state, torch.bfloat16), expected)
+        assert len(calls) == 2
+        with torch.inference_mode():  # not kept: an inference tensor could not meet autograd later
+            state.absmax = state.absmax.clone()
+            for _ in range(2):
+                assert torch.equal(projection.dense_weight(weight.data, state, torch.bfloat16), expected)
+        assert len(calls) == 4
+        assert torch.equal(projection.dense_weight(weight.data, state, torch.bfloat16), expected)  # scales are
+        assert len(calls) == 5  # an inference tensor now: no version to watch, not kept either
+        state.absmax = state.absmax.clone()  # an ordinary tensor again: kept
+        for _ in range(2):
+            assert torch.equal(projection.dense_weight(weight.data, state, torch.bfloat16), expected)
+        assert len(calls) == 6
+
+
 def test_a_4bit_base_in_fp32_gives_peft_losses_and_gradients():
     model = _qlora_model(compute_dtype=torch.float32, dtype=torch.float32)
     ids = _ids(model)

@@ -235,7 +235,11 @@ def test_step_shape_bounds_a_4bit_base_and_counts_its_dense_copies(dropout):
     assert policy.why_not_bounded(dataclasses.replace(shape, attention="unsloth_varlen")) is None  # as in train()
     dense = sorted(m.base_layer.weight.quant_state.shape.numel() for m in model.modules()
                    if hasattr(m, "base_layer") and hasattr(m.base_layer.weight, "quant_state"))
-    assert len(dense) == 14 and shape.dequant_bytes == 2 * sum(dense[-8:]) * 2
+    states = [m.base_layer.weight.quant_state for m in model.modules()
+              if hasattr(m, "base_layer") and hasattr(m.base_layer.weight, "quant_state")]
+    scales = sum(-(-s.shape.numel() // s.blocksize) * 4 for s in states)  # double-quantised scales, kept float32
+    assert len(dense) == 14 and all(s.nested for s in states)
+    assert shape.dequant_bytes == 2 * sum(dense[-8:]) * 2 + scales
     # PEFT's 4-bit layers hand the input to the adapters as it is under autocast, unless dropout copies it
     assert shape.lora_input_copies is (dropout > 0)
     assert step_shape(SimpleNamespace(model=model), SimpleNamespace(lengths=[64]), None).lora_input_copies

@@ -393,6 +393,25 @@ def test_chunks_never_exceed_the_largest_batch_nor_a_budget_without_room():
         mlp_chunk.choose("mlp_recompute", 8192 * MIB, 1000 * MIB, 0, PER_TOKEN, 16384, probed=0)
 
 
+def test_chunk_sizing_turned_off_by_name_keeps_the_probed_chunk():
+    from types import SimpleNamespace
+
+    model = build_model("llama", vocab_size=64, num_layers=1, intermediate_size=96)
+    edits = Edits()
+    edits.setattr(model.model.layers[0].mlp, "_unsloth_activation", "silu")
+    edits.setattr(model.model.layers[0].mlp, mlp_recompute.MARK, True)
+    spec = SimpleNamespace(lengths=[4096, 4096], flat=True)
+    on = wiring._chunk(model, spec, "mlp_recompute", 1000 * MIB, 8192 * MIB, 0, "bf16", Settings())
+    assert on.changed and on.bytes_per_token == 4 * 96 * 2 and on.tokens == 8192  # room for the whole batch
+    off = wiring._chunk(model, spec, "mlp_recompute", 1000 * MIB, 8192 * MIB, 0, "bf16",
+                        Settings(kernels_off=("mlp_chunk",)))
+    assert not off.changed and off.reason.endswith("turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_chunk")
+    assert wiring._chunk(model, spec, "selective", 1000 * MIB, 8192 * MIB, 0, "bf16", Settings()) is None
+    padded = SimpleNamespace(lengths=[4096, 100], flat=False)  # a padded batch: every row as long as the longest
+    assert wiring._chunk(model, padded, "offload", 1000 * MIB, 8192 * MIB, 0, "bf16", Settings()).tokens == 8192
+    edits.rollback()
+
+
 def test_a_run_sets_the_chunk_of_each_marked_mlp_and_puts_it_back():
     model = build_model("llama", vocab_size=64, num_layers=2, intermediate_size=96)
     edits = Edits()

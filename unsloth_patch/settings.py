@@ -71,7 +71,7 @@ def triton_interpreting(environ=None) -> bool:
 # what UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel (lora_cast: LoRA
 # layers keeping their input in the compute dtype under autocast, ``lora_inputs``; lora: LoRA layers as
 # one autograd node, ``lora_fusion``)
-KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute", "lora")
+KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute", "lora", "mlp_chunk")
 
 
 def _kernel_names(name: str, raw: str) -> tuple:
@@ -126,7 +126,7 @@ TOGGLES: tuple[Toggle, ...] = (
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
     Toggle("KERNELS_OFF", (), _kernel_names,
            "Fused layer kernels to leave out while KERNELS=auto: any of rmsnorm, swiglu, rope, lora_cast, "
-           "mlp_recompute, lora, comma-separated."),
+           "mlp_recompute, lora, mlp_chunk, comma-separated."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
     Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),

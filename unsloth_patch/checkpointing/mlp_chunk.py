@@ -41,6 +41,11 @@ class Chunk:
         return max(0, min(self.tokens, batch_tokens) - min(self.probed, batch_tokens)) * self.bytes_per_token
 
 
+def as_probed(policy: str, probed: int, why: str) -> Optional[Chunk]:
+    """The probed chunk kept for ``policy``, for the reason ``why`` (None when its MLPs do not run chunked)."""
+    return _keep(Chunk(probed, 0, "", probed), why) if policy in CHUNKED_POLICIES else None
+
+
 def choose(policy: str, budget: Optional[int], peak: Optional[int], extra: int, bytes_per_token: int,
            batch_tokens: int, probed: int) -> Optional[Chunk]:
     """The chunk for ``policy`` (None when its MLPs do not run chunked). ``peak``: the policy's predicted peak

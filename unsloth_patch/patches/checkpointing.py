@@ -301,14 +301,22 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         decision.chosen_steps = list(ladder.steps.get(chosen, ()))
         decision.reason = ("fastest candidate whose probed peak plus optimizer state fits the budget"
                            if chosen != "full" else "only full checkpointing fits the budget")
-        itemsize = 2 if mixed or next((p.element_size() < 4 for p in params if p.is_floating_point()), False) else 4
-        decision.mlp_chunk = mlp_chunk.choose(chosen, budget, peaks.get(chosen), extra,
-                                              mlp_recompute.bytes_per_token(model, itemsize),
-                                              sum(spec.lengths) if spec.flat else len(spec.lengths) * max(spec.lengths),
-                                              mlp_recompute.default_chunk())
+        decision.mlp_chunk = _chunk(model, spec, chosen, peaks.get(chosen), budget, extra, mixed, settings)
     decision.probed = True
     decision.bound_bytes, decision.bound_note = bound, note
     return decision
+
+
+def _chunk(model, spec, chosen, peak, budget, extra, mixed, settings):
+    """The chunked MLPs' chunk for the chosen policy (``checkpointing/mlp_chunk.py``)."""
+    probed = mlp_recompute.default_chunk()
+    if not settings.kernel_on("mlp_chunk"):
+        return mlp_chunk.as_probed(chosen, probed, "turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_chunk")
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    itemsize = 2 if mixed or (floating and floating[0].element_size() < 4) else 4
+    tokens = sum(spec.lengths) if spec.flat else len(spec.lengths) * max(spec.lengths)
+    return mlp_chunk.choose(chosen, budget, peak, extra, mlp_recompute.bytes_per_token(model, itemsize), tokens,
+                            probed)
 
 
 def bound_of(trainer, spec, mixed, device):

@@ -56,6 +56,7 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
     # eight largest (a decoder layer has seven projections) stay above what can be live at once
     dense = sorted(_dense_numel(p) for p in four_bit)
     dequant = 2 * sum(dense[-8:]) * activation
+    dequant += sum(_kept_scales(p) for p in four_bit)  # the double-quantised scales, dequantised once and kept
     return policy.StepShape(
         model_type=str(getattr(text, "model_type", "") or getattr(config, "model_type", "")),
         attention=str(getattr(config, "_attn_implementation", None) or getattr(text, "_attn_implementation", "")),
@@ -90,6 +91,12 @@ def _dense_numel(parameter) -> int:
     if shape is not None:
         return math.prod(int(size) for size in shape)
     return 2 * parameter.numel()  # two 4-bit values a byte
+
+
+def _kept_scales(parameter) -> int:
+    from ..kernels.projection import absmax_cache_bytes
+
+    return absmax_cache_bytes(_dense_numel(parameter), parameter.quant_state)
 
 
 def _compute_dtype(layer):

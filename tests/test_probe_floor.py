@@ -131,6 +131,25 @@ def test_when_full_does_not_fit_what_holds_more_is_rejected_unrun():
     assert all(r["predicted"] <= budget for r in ladder.records)
 
 
+def test_selective_is_tried_after_mlp_recompute_and_rejected_unrun_when_that_does_not_fit():
+    assert policy.PREFERENCE == ("none", "mlp_recompute", "selective", "offload", "full")
+    assert set(policy.PREFERENCE) == set(policy.POLICIES)
+    # mlp_recompute's batch just over the budget: selective, which keeps more of every layer, runs no step
+    budget = made_up_step("mlp_recompute", 4).peak - 1
+    ladder, ran, _ = ladder_for(4, budget)
+    rejected = {}
+    chosen, _ = policy.choose(policy.PREFERENCE, ladder.peak, budget, rejected=rejected)
+    assert chosen == ("offload" if made_up_step("offload", 4).peak <= budget else None)
+    assert "over the budget" in rejected["mlp_recompute"]
+    assert rejected["selective"].startswith("it holds at least what") and rejected["selective"].endswith("does not fit")
+    assert "selective" not in {name for name, _ in ran}
+    assert ladder._does_not_fit("mlp_recompute")  # from its measured steps, whatever full's small steps said
+    # with room for both, mlp_recompute is chosen first and selective is not probed at all
+    ladder, ran, _ = ladder_for(4, budget=10 ** 9)
+    assert policy.choose(policy.PREFERENCE[1:], ladder.peak, 10 ** 9)[0] == "mlp_recompute"
+    assert "selective" not in {name for name, _ in ran}
+
+
 # --------------------------------------------------------------------------- the probe on a tiny model
 
 

@@ -8,10 +8,11 @@ checkpointing's smallest steps run first; every step is predicted before it runs
 it would not fit, and on CUDA the allocator is capped at the budget while the probe runs:
 
 ``none``       no checkpointing: every activation is kept.
-``selective``  checkpointed layers keep matmul and attention outputs and recompute the cheap
-               elementwise / normalisation work (PyTorch selective activation checkpointing).
 ``mlp_recompute``  plain checkpointing whose gated MLPs keep only their input: chunked, recomputed in
                their own backward, skipped in the layer's recomputation (``mlp_recompute.py``).
+``selective``  checkpointed layers keep matmul and attention outputs and recompute the cheap
+               elementwise / normalisation work (PyTorch selective activation checkpointing).
+               Tried after ``mlp_recompute`` (``PREFERENCE``): measured slower, holding more.
 ``offload``    plain checkpointing whose saved layer inputs live in pinned host memory (a reused
                pool); the copies run on a side stream, overlapped with compute, the next layer's
                fetched ahead in the backward; MLPs as under ``mlp_recompute``.
@@ -32,7 +33,7 @@ from .functions import (CHECKPOINT_FUNCTIONS, OFFLOAD_MIN_BYTES, checkpoint_func
 from .bound import StepShape, upper_bound, why_not_bounded
 from .estimate import Step, extrapolate, peak_at, step_sizes
 from .meter import CudaBytes, LiveBytes, boundary, memory_cap
-from .policy import (GIB, POLICIES, SAFETY_MARGIN, Decision, ProbeOutOfMemory, agree, agree_across_ranks, budget_for,
+from .policy import (GIB, POLICIES, PREFERENCE, SAFETY_MARGIN, Decision, ProbeOutOfMemory, agree, agree_across_ranks, budget_for,
                      choose, fits, is_out_of_memory, last_decision, oom_types, optimizer_state_bytes, remember)
 from ..gc_freeze import quick_collections
 from .probe import (ProbeBatch, RestorePoint, autocast_for, floor_bytes, make_batch, measure, model_loss,
@@ -46,7 +47,7 @@ __all__ = [
     "install", "restore_checkpointing", "selective_available", "selective_context", "snapshot_checkpointing",
     "StepShape", "upper_bound", "why_not_bounded",
     "Step", "extrapolate", "step_sizes", "CudaBytes", "LiveBytes", "boundary", "memory_cap", "GIB", "POLICIES",
-    "SAFETY_MARGIN", "Decision", "ProbeOutOfMemory", "agree", "agree_across_ranks", "budget_for", "choose", "fits",
+    "PREFERENCE", "SAFETY_MARGIN", "Decision", "ProbeOutOfMemory", "agree", "agree_across_ranks", "budget_for", "choose", "fits",
     "is_out_of_memory", "last_decision", "oom_types", "optimizer_state_bytes", "remember", "ProbeBatch",
     "RestorePoint", "autocast_for", "floor_bytes", "make_batch", "measure", "model_loss", "predicted_peak",
     "quick_collections", "release", "run_probe", "Ladder",

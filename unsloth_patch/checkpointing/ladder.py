@@ -21,7 +21,7 @@ prediction leaves no room for the later extra (the optimizer state: the batch ho
 step, so it could not fit either); its candidate is rejected with why. So is a candidate whose step
 ran out of memory (the CPU meter's simulated error; on CUDA the allocator's cap, ``meter.memory_cap``,
 turns an under-prediction into such a caught error) or held more than fits. ``none`` and
-``selective`` hold at least what full holds, so they are rejected when full is. The steps run, with
+``selective`` hold at least what full (and ``mlp_recompute``) holds, so they are rejected when either is. The steps run, with
 their predictions and peaks, are kept in ``records``.
 """
 
@@ -63,12 +63,22 @@ class Ladder:
         does not fit (some of its steps were then not run)."""
         if name != ANCHOR:
             self._climb(ANCHOR, upto=2)
-            if name in KEEP_LAYERS and ANCHOR in self.failed and name not in self.failed:
-                self.failed[name] = f"it holds at least what {ANCHOR} checkpointing holds, which does not fit"
+            for less in (ANCHOR, "mlp_recompute"):  # each holds at most what a layer-keeping candidate holds
+                if name in KEEP_LAYERS and name not in self.failed and self._does_not_fit(less):
+                    self.failed[name] = f"it holds at least what {less} checkpointing holds, which does not fit"
         self._climb(name)
         if name in self.failed:
             raise ProbeOutOfMemory(self.failed[name])
         return estimate.batch_peak(self.steps[name], self.count)
+
+    def _does_not_fit(self, name: str) -> bool:
+        """Whether ``name`` is known not to fit: a step of it did not, or (``mlp_recompute``, tried before the
+        layer-keeping ``selective``) its measured steps put the batch over the budget with the later extra."""
+        if name in self.failed:
+            return True
+        steps = self.steps.get(name)
+        return (name != ANCHOR and bool(steps)
+                and not fits(estimate.batch_peak(steps, self.count), self.extra, self.budget))
 
     def predict(self, name: str, size: int):
         """``(bytes, basis)``: the peak predicted for ``name``'s step of ``size`` sequences, and what from."""

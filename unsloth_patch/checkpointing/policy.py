@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
-POLICIES = ("none", "selective", "mlp_recompute", "offload", "full")  # fastest first; the index grows with caution
+POLICIES = ("none", "selective", "mlp_recompute", "offload", "full")  # the index grows with caution (less memory)
+# the order candidates are tried in, fastest first as measured: on an H100 (2026-12-07, one call, full FT of the
+# 1.1B Llama) ``selective`` ran 25.5k tokens/s at 16.2 GiB where ``mlp_recompute`` ran 34.0k at 9.2 GiB
+PREFERENCE = ("none", "mlp_recompute", "selective", "offload", "full")
 GIB = 1 << 30
 SAFETY_MARGIN = 0.10  # of the card's memory, kept free when no explicit budget is given
 

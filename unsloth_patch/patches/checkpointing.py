@@ -254,19 +254,19 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         return policy.Decision("full", "TRL's default kept: no max_length and no tokenized dataset to size "
                                        "the probe batch", device=str(device), card_bytes=card, budget_bytes=budget)
     kwargs = kwargs_of(trainer.args)
-    candidates = ["none"]
+    offered = {"none", "offload", "full"}
     if policy.selective_available() and not kwargs.get("use_reentrant"):
-        candidates.append("selective")
+        offered.add("selective")
     rejected: dict = {}
     if not settings.kernel_on("mlp_recompute"):
         rejected["mlp_recompute"] = "turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_recompute"
     else:
         chunked, why = mlp_recompute.available(model)
         if chunked:
-            candidates.append("mlp_recompute")
+            offered.add("mlp_recompute")
         else:
             rejected["mlp_recompute"] = f"not available: {why}"
-    candidates += ["offload", "full"]
+    candidates = [name for name in policy.PREFERENCE if name in offered]
     extra = extra_bytes(trainer)
     # a candidate fits when its step plus the optimizer state stays under the budget; on a CPU the budget
     # is simulated (an out-of-memory error past it), on a GPU the allocator is capped at the budget

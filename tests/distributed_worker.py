@@ -510,19 +510,32 @@ def ddp_kernels(out_dir, context):
         return _with_fused(train(build(out_dir, accumulation=2, steps=2), recorder))
 
 
-@scenario
-def fsdp2_kernels(out_dir, context):
-    """FSDP2 with the fused kernels and selective checkpointing (recomputed through the kernels)."""
+def _fsdp2_fused(out_dir, context, kernels_off):
     why = fsdp2_unsupported()
     if why is not None:
         return {"skipped": why}
     recorder = Recorder()
-    with settings(padding_free="on"), fsdp_on_cpu(context["fsdp_env"]), fused_layers_on_cpu(recorder):
+    with settings(padding_free="on", kernels_off=kernels_off), fsdp_on_cpu(context["fsdp_env"]), \
+            fused_layers_on_cpu(recorder):
         trainer = build(out_dir, accumulation=2, steps=2, checkpointing_default=True)
         budget, peaks, extra = between_none_and_selective(trainer)
-        with settings(padding_free="on", memory_budget_gb=budget if budget is not None else 64.0):
+        with settings(padding_free="on", kernels_off=kernels_off,
+                      memory_budget_gb=budget if budget is not None else 64.0):
             result = _with_fused(train(trainer, recorder))
     return dict(result, probe_budget_gb=budget, probe_peaks=peaks, probe_extra=extra)
+
+
+@scenario
+def fsdp2_kernels(out_dir, context):
+    """FSDP2 with the fused kernels and selective checkpointing (recomputed through the kernels; ``mlp_recompute``,
+    tried before it, turned off)."""
+    return _fsdp2_fused(out_dir, context, ("mlp_recompute",))
+
+
+@scenario
+def fsdp2_mlp_recompute(out_dir, context):
+    """FSDP2 with the fused kernels under ``mlp_recompute``: the budget that fits selective fits it first."""
+    return _fsdp2_fused(out_dir, context, ())
 
 
 # --------------------------------------------------------------------------- the launch

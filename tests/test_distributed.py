@@ -369,7 +369,7 @@ def test_the_accelerate_config_files_in_docs_launch_ddp_and_fsdp2():
 
 # --------------------------------------------------------------------------- fused kernels (kernels session)
 
-KERNEL_SCENARIOS = ("ddp_kernels", "fsdp2_kernels")
+KERNEL_SCENARIOS = ("ddp_kernels", "fsdp2_kernels", "fsdp2_mlp_recompute")
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +394,7 @@ def kernels_reference(tmp_path_factory):
 @pytest.mark.parametrize("name", KERNEL_SCENARIOS)
 def test_fused_layer_kernels_under_ddp_and_fsdp2(launched_kernels, kernels_reference, name):
     """The fused RMSNorm / gated-MLP / RoPE Triton kernels (interpreted on CPU) in both ranks, with
-    TRL's checkpointing (DDP) or selective checkpointing recomputing through them (FSDP2)."""
+    TRL's checkpointing (DDP), or selective or MLP-recompute checkpointing recomputing through them (FSDP2)."""
     ranks = launched_kernels.ranks(name)
     if "skipped" in ranks[0]:
         pytest.skip(ranks[0]["skipped"])
@@ -405,8 +405,9 @@ def test_fused_layer_kernels_under_ddp_and_fsdp2(launched_kernels, kernels_refer
         assert r["attention"].get("kernel rope", 0) > 0
         assert r["fallbacks"] == {}  # no kernel fell back to its PyTorch reference
         assert all(b["shape"][0] == 1 and not b["attention_mask"] for b in r["batches"])
-        if name == "fsdp2_kernels":
+        if name.startswith("fsdp2"):
+            expected = "selective" if name == "fsdp2_kernels" else "mlp_recompute"
             assert r["fsdp"] and r["wrapper"].startswith("FSDP")
-            assert r["decision"]["policy"] == "selective"
-            assert all(b["checkpoint_functions"] == ["checkpoint_selective"] for b in r["batches"])
+            assert r["decision"]["policy"] == expected, r["decision"]["reason"]
+            assert all(b["checkpoint_functions"] == [f"checkpoint_{expected}"] for b in r["batches"])
     trained_like_reference(ranks, kernels_reference)

@@ -131,6 +131,28 @@ def test_when_full_does_not_fit_what_holds_more_is_rejected_unrun():
     assert all(r["predicted"] <= budget for r in ladder.records)
 
 
+def test_a_layer_keeping_candidate_far_over_the_budget_runs_no_step():
+    """Full's steps predict none's whole batch; at half that prediction still over the budget, none (and selective,
+    which keeps a part of it) is rejected before any step: its steps would hold more than the chosen policy needs."""
+    probe, _, _ = ladder_for(8, budget=10 ** 9)
+    probe._climb(policy.ladder.ANCHOR, upto=2)
+    kept_batch, _ = probe.predict("none", 8)
+    assert kept_batch >= made_up_step("none", 8).peak  # the prediction from full's steps errs high
+    budget = kept_batch // 2 - 1
+    assert made_up_step("none", 2).peak <= budget  # none's 2-sequence step would have fitted and run before
+    ladder, ran, _ = ladder_for(8, budget)
+    rejected = {}
+    chosen, _ = policy.choose(policy.PREFERENCE, ladder.peak, budget, rejected=rejected)
+    assert chosen == "mlp_recompute"
+    assert {name for name, _ in ran} == {"full", "mlp_recompute"}
+    assert "at 1/2 of that it is still over the budget" in rejected["none"] and "not run" in rejected["none"]
+    assert max(r["peak"] for r in ladder.records) <= made_up_step("mlp_recompute", 8).peak  # no more than chosen's
+    # with the budget at the prediction itself, none's steps run as before (and show it does not fit the batch)
+    ladder, ran, _ = ladder_for(8, kept_batch // 2 + made_up_step("none", 8).peak // 4)
+    policy.choose(policy.PREFERENCE, ladder.peak, ladder.budget)
+    assert ("none", 2) in ran
+
+
 def test_selective_is_tried_after_mlp_recompute_and_rejected_unrun_when_that_does_not_fit():
     assert policy.PREFERENCE == ("none", "mlp_recompute", "selective", "offload", "full")
     assert set(policy.PREFERENCE) == set(policy.POLICIES)

@@ -9,7 +9,9 @@ measured:
 
 * from the candidate's own smaller steps, once it has one (``estimate.own``: phase by phase);
 * ``none``'s and ``selective``'s first step: full's step of that size plus every layer's
-  activations (``estimate.kept``: one recomputed layer's rise in full's steps, times the layers);
+  activations (``estimate.kept``: one recomputed layer's rise in full's steps, times the layers).
+  Before that step, their whole batch is predicted the same way; when half of it (the prediction
+  errs high, ``KEPT_ERRS_HIGH``) plus the later extra is still over the budget, they run no step;
   ``selective`` keeps a part of them, so it is also predicted at no more than ``none``'s measured
   step of that size;
 * ``offload``'s first step: full's step of that size (it holds less: its saved inputs are on the host);
@@ -36,6 +38,11 @@ from .probe import ProbeBatch
 ANCHOR = "full"
 KEEP_LAYERS = ("none", "selective")  # hold every layer's activations, or a part of them: at least what full holds
 AT_MOST = {"selective": "none"}  # a step holds no more than that candidate's step of the same size
+# full's step with every layer's activations kept errs high, by up to 1.5x on the GPU (2026-12-07: a 2-sequence
+# step predicted at 10.79 GiB held 7.45; a batch of 8 predicted at about 31 GiB held 21.6). A candidate whose batch
+# stays over the budget at half that prediction is rejected before it runs a step: its steps would hold far more
+# than the policy finally chosen needs (a LoRA run on a 16 GB card held 11.88 GiB in the probe, 3.3 in training)
+KEPT_ERRS_HIGH = 2.0
 
 
 class Ladder:
@@ -100,6 +107,13 @@ class Ladder:
         return estimate.own(anchor, size), f"{ANCHOR} checkpointing's step of that size"
 
     def _climb(self, name: str, upto: Optional[int] = None) -> None:
+        if name in KEEP_LAYERS and name not in self.failed and not self.steps.get(name) and self.steps.get(ANCHOR):
+            predicted, basis = self.predict(name, self.count)
+            if not fits(int(predicted / KEPT_ERRS_HIGH), self.extra, self.budget):
+                self.failed[name] = (f"its batch is predicted at {gib(predicted)} ({basis}); at 1/{KEPT_ERRS_HIGH:g} "
+                                     f"of that it is still over the budget {gib(self.budget)} with the later extra "
+                                     f"{gib(self.extra)}; not run")
+                return
         sizes = [n for n in self.sizes if upto is None or n <= upto]
         if name != ANCHOR and not self.steps.get(name) and self.steps.get(ANCHOR):
             # predicted from full's steps, the first step is the largest of up to two sequences that fits

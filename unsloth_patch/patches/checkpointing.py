@@ -21,7 +21,7 @@ from ..settings import current
 from . import seen_batches
 from .config_fields import was_explicit
 from .probe_loss import trainer_loss
-from .step_shape import step_shape
+from .step_shape import activation_bytes, step_shape
 from .trainer_facts import base_model, dataset_lengths, max_length_of
 from .training_edits import train_collator
 
@@ -312,8 +312,7 @@ def _chunk(model, spec, chosen, peak, budget, extra, mixed, settings):
     probed = mlp_recompute.default_chunk()
     if not settings.kernel_on("mlp_chunk"):
         return mlp_chunk.as_probed(chosen, probed, "turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_chunk")
-    floating = [p for p in model.parameters() if p.is_floating_point()]
-    itemsize = 2 if mixed or (floating and floating[0].element_size() < 4) else 4
+    itemsize = activation_bytes(model.parameters(), mixed)
     tokens = sum(spec.lengths) if spec.flat else len(spec.lengths) * max(spec.lengths)
     return mlp_chunk.choose(chosen, budget, peak, extra, mlp_recompute.bytes_per_token(model, itemsize), tokens,
                             probed)

@@ -39,11 +39,7 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
     else:
         resident = sum(t.numel() * t.element_size() for t in [*parameters, *model.buffers()])
     trainable = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
-    if mixed in ("bf16", "fp16"):
-        activation = 2
-    else:
-        floating = [p for p in parameters if p.is_floating_point()]
-        activation = floating[0].element_size() if floating else 4
+    activation = activation_bytes(parameters, mixed)
     lora = hasattr(model, "peft_config")
     lora_layers = _lora_layers(model) if lora else []
     quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
@@ -79,6 +75,15 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
         dequant_bytes=dequant if only_4bit else 0,
         experts=max(size(name) for name in _EXPERT_FIELDS),
     )
+
+
+def activation_bytes(parameters, mixed) -> int:
+    """Bytes per element of the step's activations: 2 under bf16/fp16 autocast, else the model's first floating
+    parameter's (4 without one)."""
+    if mixed in ("bf16", "fp16"):
+        return 2
+    floating = next((p for p in parameters if p.is_floating_point()), None)
+    return floating.element_size() if floating is not None else 4
 
 
 def _is_4bit(parameter) -> bool:

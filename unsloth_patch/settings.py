@@ -71,7 +71,7 @@ def triton_interpreting(environ=None) -> bool:
 # what UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel (lora_cast: LoRA
 # layers keeping their input in the compute dtype under autocast, ``lora_inputs``; lora: LoRA layers as
 # one autograd node, ``lora_fusion``)
-KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute", "lora", "mlp_chunk")
+KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute", "lora", "mlp_chunk", "dense_4bit")
 
 
 def _kernel_names(name: str, raw: str) -> tuple:

@@ -70,7 +70,8 @@ def triton_interpreting(environ=None) -> bool:
 
 # what UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel (lora_cast: LoRA
 # layers keeping their input in the compute dtype under autocast, ``lora_inputs``; lora: LoRA layers as
-# one autograd node, ``lora_fusion``)
+# one autograd node, ``lora_fusion``; dense_4bit: QLoRA's 4-bit weights kept dense for the run,
+# ``checkpointing/dense_4bit.py``)
 KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute", "lora", "mlp_chunk", "dense_4bit")
 
 
@@ -126,7 +127,7 @@ TOGGLES: tuple[Toggle, ...] = (
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
     Toggle("KERNELS_OFF", (), _kernel_names,
            "Fused layer kernels to leave out while KERNELS=auto: any of rmsnorm, swiglu, rope, lora_cast, "
-           "mlp_recompute, lora, mlp_chunk, comma-separated."),
+           "mlp_recompute, lora, mlp_chunk, dense_4bit, comma-separated."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
     Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),

@@ -55,3 +55,10 @@ def choose(copies_bytes: int, bound: Optional[int], extra: int, budget: Optional
     return DenseChoice(True, copies_bytes, f"4-bit weights dequantised once and kept dense for the run "
                                            f"({_gib(copies_bytes)}; {_gib(need)} with the step's bound and the "
                                            f"optimizer state, under the budget of {_gib(budget)})")
+
+
+def overruled(choice: Optional[DenseChoice], why: str) -> Optional[DenseChoice]:
+    """``choice`` not kept after all (``why``): the copies were chosen beside a ``none`` the run will not use."""
+    if choice is None or not choice.keep:
+        return choice
+    return DenseChoice(False, choice.copies_bytes, f"4-bit weights dequantised per call: {why}")

@@ -51,13 +51,31 @@ def dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
         return weight.to(dtype)
     if not _KEEP_DENSE[0] or torch.is_inference_mode_enabled() or weight.is_inference():
         return _dequantized(weight, quant_state, dtype)
-    key = (id(quant_state), dtype)  # keyed by identity: QuantState defines == and is not hashable
+    return _kept(weight, quant_state, dtype)
+
+
+class _Kept(NamedTuple):
+    state: weakref.ref  # the quantisation state the copy was made with
+    weight: weakref.ref  # the packed tensor itself (an address can be reused by another one)
+    version: int  # the packed tensor's version then: an in-place change makes a new copy
+    dense: torch.Tensor
+
+
+def _kept(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """One dense copy per 4-bit weight (another dtype replaces it: the memory decision counts one each)."""
+    key = id(quant_state)  # keyed by identity: QuantState defines == and is not hashable
     hit = _DENSE.get(key)
-    if hit is not None and hit[0]() is quant_state and hit[1] == weight.data_ptr() and hit[2] == weight._version:
-        return hit[3]
+    if (hit is not None and hit.state() is quant_state and hit.weight() is weight and hit.version == weight._version
+            and hit.dense.dtype == dtype):
+        return hit.dense
     out = _dequantized(weight, quant_state, dtype)
-    _DENSE[key] = (weakref.ref(quant_state, lambda _, key=key: _DENSE.pop(key, None)), weight.data_ptr(), weight._version,
-                    out)
+
+    def drop(ref, key=key):  # the state or the packed tensor is gone: so is its copy (a newer entry stays)
+        entry = _DENSE.get(key)
+        if entry is not None and (entry.state is ref or entry.weight is ref):
+            del _DENSE[key]
+
+    _DENSE[key] = _Kept(weakref.ref(quant_state, drop), weakref.ref(weight, drop), weight._version, out)
     return out
 
 
@@ -73,7 +91,7 @@ def _dequantized(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
 
 
 _KEEP_DENSE = [False]  # set by keeping_dense() for the length of a train()
-_DENSE: dict = {}  # (id(quant state), dtype) -> (weak reference to it, packed weight's address, its version, dense)
+_DENSE: dict = {}  # id(quant state) -> _Kept
 
 
 def keeping_dense(on: bool) -> None:

@@ -232,6 +232,7 @@ def decide(trainer, settings) -> policy.Decision:
         decision.policy = agreed
         decision.chosen_steps = []  # measured for this rank's own choice, not the agreed one
         decision.mlp_chunk = None  # sized for this rank's own choice: the agreed one runs the probed chunks
+        decision.dense_4bit = dense_4bit.overruled(decision.dense_4bit, f"the ranks agreed on {agreed}, not none")
     if decision.policy != "full":
         decision.probed = True
     return decision

@@ -248,6 +248,11 @@ def _qlora_trainer(tokenizer, dataset, tmp_path, steps=3):
     return trainer, kept
 
 
+def _asking(monkeypatch, value="auto"):
+    """UNSLOTH_PATCH_DENSE_4BIT for this test, the other settings as they are."""
+    monkeypatch.setattr(settings_module, "_current", dataclasses.replace(settings_module.current(), dense_4bit=value))
+
+
 def _four_bit(model):
     return [p for p in model.parameters() if type(p).__name__ == "Params4bit"]
 
@@ -260,6 +265,7 @@ def _copies(model):
 def test_a_roomy_budget_keeps_the_4bit_weights_dense_for_the_run_with_the_same_losses(
         tokenizer, dataset, tmp_path, monkeypatch):
     _use_budget(monkeypatch, 64.0)
+    _asking(monkeypatch, "auto")
     _bound_as_on_cuda(monkeypatch)
     _no_probe(monkeypatch)
     trainer, kept = _qlora_trainer(tokenizer, dataset, tmp_path / "kept")
@@ -274,13 +280,12 @@ def test_a_roomy_budget_keeps_the_4bit_weights_dense_for_the_run_with_the_same_l
     assert projection.kept_dense_count() == 0 and not projection._KEEP_DENSE[0]  # gone when train() returns
     kept_losses = losses(trainer)
 
-    monkeypatch.setattr(settings_module, "_current",
-                        dataclasses.replace(settings_module.current(), kernels_off=("dense_4bit",)))
+    _asking(monkeypatch, "off")  # the default
     trainer, per_call = _qlora_trainer(tokenizer, dataset, tmp_path / "off")
     trainer.train()
     off = policy.last_decision()
     assert off.policy == "none" and not off.dense_4bit.keep
-    assert "UNSLOTH_PATCH_KERNELS_OFF=dense_4bit" in off.dense_4bit.reason
+    assert "UNSLOTH_PATCH_DENSE_4BIT=auto" in off.dense_4bit.reason
     assert per_call.counts == [0] * 3
     assert len(kept_losses) == 3 and losses(trainer) == kept_losses  # bitsandbytes' own numbers: bit for bit
 
@@ -292,6 +297,7 @@ def test_a_budget_with_room_for_none_but_not_the_copies_keeps_none(tokenizer, da
     assert copies == _copies(trainer.model) > 0
     monkeypatch.setattr(wiring, "bound_of", lambda *a: (bound, "", copies))  # as measured before train()
     _use_budget(monkeypatch, (bound + wiring.extra_bytes(trainer) + copies // 2) / GIB)
+    _asking(monkeypatch, "auto")
     _no_probe(monkeypatch)
     trainer.train()
     decision = policy.last_decision()
@@ -304,6 +310,7 @@ def test_a_budget_with_room_for_none_but_not_the_copies_keeps_none(tokenizer, da
 
 def test_ranks_agreeing_on_another_policy_keep_no_copies(tokenizer, dataset, tmp_path, monkeypatch):
     _use_budget(monkeypatch, 64.0)
+    _asking(monkeypatch, "auto")
     _bound_as_on_cuda(monkeypatch)
     _no_probe(monkeypatch)
     trainer, _ = _qlora_trainer(tokenizer, dataset, tmp_path, steps=1)
@@ -314,3 +321,16 @@ def test_ranks_agreeing_on_another_policy_keep_no_copies(tokenizer, dataset, tmp
     assert agreed.policy == "mlp_recompute" and agreed.local_policy == "none"
     assert not agreed.dense_4bit.keep and "ranks agreed on mlp_recompute" in agreed.dense_4bit.reason
     assert agreed.dense_4bit.copies_bytes == alone.dense_4bit.copies_bytes
+
+
+def test_keeping_is_off_unless_asked_for_and_needs_the_fused_lora_layers():
+    from unsloth_patch.settings import Settings, read_settings
+
+    assert Settings().dense_4bit == "off" and read_settings({}).dense_4bit == "off"
+    assert read_settings({"UNSLOTH_PATCH_DENSE_4BIT": "auto"}).dense_4bit == "auto"
+    with pytest.raises(ValueError, match="UNSLOTH_PATCH_DENSE_4BIT='always'.*off, auto"):
+        read_settings({"UNSLOTH_PATCH_DENSE_4BIT": "always"})
+    assert "UNSLOTH_PATCH_DENSE_4BIT=auto" in wiring.dense_off_reason(Settings())
+    assert wiring.dense_off_reason(Settings(dense_4bit="auto")) is None
+    for lora_off in (Settings(dense_4bit="auto", kernels="off"), Settings(dense_4bit="auto", kernels_off=("lora",))):
+        assert "fused LoRA layers" in wiring.dense_off_reason(lora_off)

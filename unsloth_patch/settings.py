@@ -70,9 +70,8 @@ def triton_interpreting(environ=None) -> bool:
 
 # what UNSLOTH_PATCH_KERNELS_OFF can name: each switches off one fused layer kernel (lora_cast: LoRA
 # layers keeping their input in the compute dtype under autocast, ``lora_inputs``; lora: LoRA layers as
-# one autograd node, ``lora_fusion``; dense_4bit: QLoRA's 4-bit weights kept dense for the run,
-# ``checkpointing/dense_4bit.py``)
-KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute", "lora", "mlp_chunk", "dense_4bit")
+# one autograd node, ``lora_fusion``)
+KERNEL_NAMES = ("rmsnorm", "swiglu", "rope", "lora_cast", "mlp_recompute", "lora", "mlp_chunk")
 
 
 def _kernel_names(name: str, raw: str) -> tuple:
@@ -127,13 +126,16 @@ TOGGLES: tuple[Toggle, ...] = (
     Toggle("KERNELS", "auto", _choice("auto", "off"), "Fused kernels for the model's layers."),
     Toggle("KERNELS_OFF", (), _kernel_names,
            "Fused layer kernels to leave out while KERNELS=auto: any of rmsnorm, swiglu, rope, lora_cast, "
-           "mlp_recompute, lora, mlp_chunk, dense_4bit, comma-separated."),
+           "mlp_recompute, lora, mlp_chunk, comma-separated."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
     Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),
            "Replace TRL's default gradient checkpointing by the cheapest policy that fits the card."),
     Toggle("MEMORY_BUDGET_GB", None, _positive_number("24 or 7.5", " of GiB"),
            "Memory budget (GiB) used instead of the card's memory when choosing a checkpointing policy."),
+    Toggle("DENSE_4BIT", "off", _choice("off", "auto"),
+           "QLoRA: auto = keep each 4-bit weight dense for the run (dequantised once, the 16-bit weights' size "
+           "held) where the step's upper bound leaves room for the copies; off = dequantise on every call."),
     Toggle("LOG_LEVEL", "warning", _choice("debug", "info", "warning", "error"), "Level of the plugin's log."),
 )
 
@@ -152,6 +154,7 @@ class Settings:
     compat: str = "auto"
     checkpointing: str = "auto"
     memory_budget_gb: Optional[float] = None
+    dense_4bit: str = "off"
     log_level: str = "warning"
 
     def kernel_on(self, name: str) -> bool:

@@ -276,7 +276,7 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     limit = max(0, budget - extra) if device.type != "cuda" else None
     mixed = mixed_precision(trainer)
     bound, note, copies = bound_of(trainer, spec, mixed, device)
-    off = None if settings.kernel_on("dense_4bit") else "turned off by UNSLOTH_PATCH_KERNELS_OFF=dense_4bit"
+    off = dense_off_reason(settings)
     if bound is not None and bound + extra <= budget:
         return policy.Decision("none", "an upper bound of the step without checkpointing, plus the optimizer state, "
                                        "fits the budget; no probe needed", extra_bytes=extra, budget_bytes=budget,
@@ -336,6 +336,16 @@ def bound_of(trainer, spec, mixed, device):
         return None, "the model's config does not give the sizes the bound needs", copies
     why = policy.why_not_bounded(shape)
     return (None, why, copies) if why else (policy.upper_bound(shape), "", copies)
+
+
+def dense_off_reason(settings):
+    """Why 4-bit weights are dequantised on every call whatever the room (None: the room decides)."""
+    if settings.dense_4bit != "auto":
+        return ("off unless asked for (UNSLOTH_PATCH_DENSE_4BIT=auto: QLoRA chosen to save memory keeps it "
+                "saved by default)")
+    if not settings.kernel_on("lora"):
+        return "the fused LoRA layers, which read the kept copies, are off (UNSLOTH_PATCH_KERNELS, KERNELS_OFF=lora)"
+    return None
 
 
 def _keep_dense_4bit(edits: Edits) -> None:

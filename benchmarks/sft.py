@@ -81,6 +81,9 @@ CONFIGS = {
     "unsloth_patch_qlora": Config(True, "import unsloth_patch + QLoRA", adapter="lora", quant="nf4"),
     "unsloth_patch_qlora_budget": Config(True, "import unsloth_patch + QLoRA, budget = Unsloth QLoRA's peak",
                                          adapter="lora", quant="nf4", match="unsloth_qlora"),
+    "unsloth_patch_qlora_dense": Config(True, "import unsloth_patch + QLoRA, UNSLOTH_PATCH_DENSE_4BIT=auto (4-bit "
+                                        "weights kept dense where the budget has room)", adapter="lora", quant="nf4",
+                                        env={"UNSLOTH_PATCH_DENSE_4BIT": "auto"}),
 }
 PEERS = ("trl_padding_free", "trl_liger", "trl_packing_bfd", "unsloth", "unsloth_packing", "unsloth_lora",
          "unsloth_qlora")

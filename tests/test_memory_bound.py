@@ -256,7 +256,7 @@ def test_the_probe_decision_sees_this_train_s_lora_input_edit(tokenizer, dataset
     def bound_of(trainer, spec, mixed, device):
         shape = dataclasses.replace(step_shape(trainer, spec, "bf16"), attention="unsloth_varlen")
         seen.append(shape.lora_input_copies)
-        return policy.upper_bound(shape), ""
+        return policy.upper_bound(shape), "", shape.dense_4bit_bytes
 
     monkeypatch.setattr(wiring, "bound_of", bound_of)
     _no_probe(monkeypatch)
@@ -277,7 +277,7 @@ def _bound_as_on_cuda(monkeypatch):
     """The CPU runs the bound as a CUDA device would, with attention that keeps O(tokens)."""
     def bound_of(trainer, spec, mixed, device):
         shape = dataclasses.replace(step_shape(trainer, spec, mixed), attention="unsloth_varlen")
-        return policy.upper_bound(shape), ""
+        return policy.upper_bound(shape), "", shape.dense_4bit_bytes
 
     monkeypatch.setattr(wiring, "bound_of", bound_of)
     return bound_of
@@ -314,5 +314,5 @@ def test_a_bound_over_the_budget_leaves_the_choice_to_the_probe(tokenizer, datas
 
 def test_on_a_cpu_the_bound_is_not_used(tokenizer, dataset, tmp_path):
     trainer = _trainer(tokenizer, dataset, _config(tmp_path))
-    bound, note = wiring.bound_of(trainer, wiring.probe_spec(trainer), None, torch.device("cpu"))
-    assert bound is None and "CUDA" in note
+    bound, note, copies = wiring.bound_of(trainer, wiring.probe_spec(trainer), None, torch.device("cpu"))
+    assert bound is None and "CUDA" in note and copies == 0

@@ -24,7 +24,8 @@ no-checkpointing step from the model's shape, which lets a roomy card skip the p
 the policies install), ``offload`` (offloaded checkpoints' host side: pinned pool, copies, prefetch), ``meter`` (per-phase peaks: live tensor bytes on a CPU, the allocator on
 CUDA; the CUDA cap), ``probe`` (one step and what it restores), ``ladder`` (which steps run, each
 predicted first), ``mlp_chunk`` (how many tokens a chunked MLP takes at once, from the room left under
-the budget, pure). ``patches/checkpointing.py`` wires it into ``Trainer.train``.
+the budget, pure), ``dense_4bit`` (whether a QLoRA run keeps its 4-bit weights dense, from the room the
+bound leaves, pure). ``patches/checkpointing.py`` wires it into ``Trainer.train``.
 """
 
 from .functions import (CHECKPOINT_FUNCTIONS, OFFLOAD_MIN_BYTES, checkpoint_function, checkpoint_offload,

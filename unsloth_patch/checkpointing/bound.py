@@ -66,6 +66,7 @@ class StepShape:
     quantized: bool = False
     quantization: str = ""  # "4bit": every quantized weight is bitsandbytes 4-bit (bounded); else not bounded
     dequant_bytes: int = 0  # the dense copies of 4-bit weights that can be live at once
+    dense_4bit_bytes: int = 0  # every 4-bit weight dense (what keeping them for the run holds: dense_4bit.py)
     experts: int = 0  # > 0: a mixture of experts
 
 

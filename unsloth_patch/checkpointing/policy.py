@@ -44,6 +44,7 @@ class Decision:
     seen_sequences: Optional[float] = None  # after train(): the largest batch it drew, in sequence-equivalents
     predicted_seen_bytes: Optional[int] = None  # after train(): the model's peak for that batch, plus the extra
     mlp_chunk: Optional[object] = None  # mlp_chunk.Chunk: the chunked MLPs' token chunk (chunked policies only)
+    dense_4bit: Optional[object] = None  # dense_4bit.DenseChoice: 4-bit weights kept dense for the run, or why not
 
     @property
     def changes_training(self) -> bool:
@@ -65,7 +66,8 @@ class Decision:
         return (f"checkpointing: {self.policy} ({self.reason}); probed peaks: {probed}; "
                 f"later extra: {gib(self.extra_bytes)}; budget: {gib(self.budget_bytes)}; "
                 f"card: {gib(self.card_bytes)} [{self.device or 'n/a'}]{rejected}"
-                f"{'; ' + self.mlp_chunk.reason if self.mlp_chunk is not None else ''}")
+                f"{'; ' + self.mlp_chunk.reason if self.mlp_chunk is not None else ''}"
+                f"{'; ' + self.dense_4bit.reason if self.dense_4bit is not None else ''}")
 
 
 _last: Optional[Decision] = None

@@ -8,6 +8,11 @@ Python per projection, on a step that is bound by the host's launch work. The sc
 base never change, so they are dequantised once per quantisation state and kept (float32, one value a
 block: 4 bytes per 64 weights, 3% of the bf16 weights' size) while the state lives; the weight is
 then dequantised by bitsandbytes' own kernel from exactly the values it would have computed.
+
+Where memory allows (the checkpointing decision says so: ``checkpointing/dense_4bit.py``), the dense
+weights themselves are kept for the length of a ``train()`` (:func:`keeping_dense`): every 4-bit
+projection is then dequantised once per run instead of two or three times per step. The kept copy is
+bitsandbytes' own output, so the step computes the same numbers; the copies go when ``train()`` returns.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["Projection", "dense_weight", "absmax_cache_bytes"]
+__all__ = ["Projection", "dense_weight", "absmax_cache_bytes", "keeping_dense", "kept_dense_count"]
 
 
 class Projection(NamedTuple):
@@ -44,6 +49,37 @@ def dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
     """The base weight in ``dtype``: a 4-bit one dequantised by bitsandbytes (bit for bit what its layer uses)."""
     if quant_state is None:
         return weight.to(dtype)
+    if not _KEEP_DENSE[0] or torch.is_inference_mode_enabled() or weight.is_inference():
+        return _dequantized(weight, quant_state, dtype)
+    return _kept(weight, quant_state, dtype)
+
+
+class _Kept(NamedTuple):
+    state: weakref.ref  # the quantisation state the copy was made with
+    weight: weakref.ref  # the packed tensor itself (an address can be reused by another one)
+    version: int  # the packed tensor's version then: an in-place change makes a new copy
+    dense: torch.Tensor
+
+
+def _kept(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """One dense copy per 4-bit weight (another dtype replaces it: the memory decision counts one each)."""
+    key = id(quant_state)  # keyed by identity: QuantState defines == and is not hashable
+    hit = _DENSE.get(key)
+    if (hit is not None and hit.state() is quant_state and hit.weight() is weight and hit.version == weight._version
+            and hit.dense.dtype == dtype):
+        return hit.dense
+    out = _dequantized(weight, quant_state, dtype)
+
+    def drop(ref, key=key):  # the state or the packed tensor is gone: so is its copy (a newer entry stays)
+        entry = _DENSE.get(key)
+        if entry is not None and (entry.state is ref or entry.weight is ref):
+            del _DENSE[key]
+
+    _DENSE[key] = _Kept(weakref.ref(quant_state, drop), weakref.ref(weight, drop), weight._version, out)
+    return out
+
+
+def _dequantized(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     op = _dequantize_op()
     if op is None or not _kernel_takes(weight, quant_state):
         from bitsandbytes.functional import dequantize_4bit
@@ -52,6 +88,22 @@ def dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
     out = op(weight, _absmax(quant_state), quant_state.blocksize, quant_state.quant_type, quant_state.shape,
              quant_state.dtype)
     return out.to(dtype)
+
+
+_KEEP_DENSE = [False]  # set by keeping_dense() for the length of a train()
+_DENSE: dict = {}  # id(quant state) -> _Kept
+
+
+def keeping_dense(on: bool) -> None:
+    """Keep each 4-bit weight's dense copy once made (``on``), or stop and let every kept copy go."""
+    _KEEP_DENSE[0] = bool(on)
+    if not on:
+        _DENSE.clear()
+
+
+def kept_dense_count() -> int:
+    """How many dense 4-bit weights are kept now."""
+    return len(_DENSE)
 
 
 _OP: list = []  # bitsandbytes' dequantisation kernel (torch.ops.bitsandbytes.dequantize_4bit), looked up once

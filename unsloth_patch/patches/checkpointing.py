@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from .. import checkpointing as policy
-from ..checkpointing import mlp_chunk
+from ..checkpointing import dense_4bit, mlp_chunk
 from .. import log, mlp_recompute, startup
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
@@ -47,6 +47,8 @@ def handle_train(proceed, trainer, args, kwargs):
             apply(trainer, decision.policy, edits)
             if decision.mlp_chunk is not None and decision.mlp_chunk.changed:
                 mlp_recompute.set_chunk(_model(trainer), decision.mlp_chunk.tokens, edits)
+            if decision.dense_4bit is not None and decision.dense_4bit.keep:
+                _keep_dense_4bit(edits)
         elif decision.probed:
             _input_grads_for_reentrant(trainer)
         watch = seen_batches.watch(trainer, decision, edits)
@@ -230,6 +232,7 @@ def decide(trainer, settings) -> policy.Decision:
         decision.policy = agreed
         decision.chosen_steps = []  # measured for this rank's own choice, not the agreed one
         decision.mlp_chunk = None  # sized for this rank's own choice: the agreed one runs the probed chunks
+        decision.dense_4bit = dense_4bit.overruled(decision.dense_4bit, f"the ranks agreed on {agreed}, not none")
     if decision.policy != "full":
         decision.probed = True
     return decision
@@ -272,11 +275,13 @@ def _decide_locally(trainer, settings) -> policy.Decision:
     # is simulated (an out-of-memory error past it), on a GPU the allocator is capped at the budget
     limit = max(0, budget - extra) if device.type != "cuda" else None
     mixed = mixed_precision(trainer)
-    bound, note = bound_of(trainer, spec, mixed, device)
+    bound, note, copies = bound_of(trainer, spec, mixed, device)
+    off = dense_off_reason(settings)
     if bound is not None and bound + extra <= budget:
         return policy.Decision("none", "an upper bound of the step without checkpointing, plus the optimizer state, "
                                        "fits the budget; no probe needed", extra_bytes=extra, budget_bytes=budget,
-                               card_bytes=card, device=str(device), tokens=sum(spec.lengths), bound_bytes=bound)
+                               card_bytes=card, device=str(device), tokens=sum(spec.lengths), bound_bytes=bound,
+                               dense_4bit=dense_4bit.choose(copies, bound, extra, budget, off))
     if bound is not None:
         note = "the upper bound without checkpointing does not fit the budget; probed"
 
@@ -304,6 +309,7 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         decision.mlp_chunk = _chunk(model, spec, chosen, peaks.get(chosen), budget, extra, mixed, settings)
     decision.probed = True
     decision.bound_bytes, decision.bound_note = bound, note
+    decision.dense_4bit = dense_4bit.choose(copies, None, extra, budget, off)
     return decision
 
 
@@ -319,15 +325,34 @@ def _chunk(model, spec, chosen, peak, budget, extra, mixed, settings):
 
 
 def bound_of(trainer, spec, mixed, device):
-    """(upper bound of the no-checkpointing step or None, why none is used) — on a CUDA device only: a
-    CPU's budget is simulated by the probe's own accounting, which the bound does not replace."""
+    """(upper bound of the no-checkpointing step or None, why none is used, bytes of the 4-bit weights made
+    dense) — on a CUDA device only: a CPU's budget is simulated by the probe's own accounting, which the
+    bound does not replace (and a CPU run keeps no dense copies)."""
     if device.type != "cuda":
-        return None, "the bound is used on CUDA devices only"
+        return None, "the bound is used on CUDA devices only", 0
     shape = step_shape(trainer, spec, mixed)
+    copies = shape.dense_4bit_bytes if shape is not None else 0
     if shape is None:
-        return None, "the model's config does not give the sizes the bound needs"
+        return None, "the model's config does not give the sizes the bound needs", copies
     why = policy.why_not_bounded(shape)
-    return (None, why) if why else (policy.upper_bound(shape), "")
+    return (None, why, copies) if why else (policy.upper_bound(shape), "", copies)
+
+
+def dense_off_reason(settings):
+    """Why 4-bit weights are dequantised on every call whatever the room (None: the room decides)."""
+    if settings.dense_4bit != "auto":
+        return ("off unless asked for (UNSLOTH_PATCH_DENSE_4BIT=auto: QLoRA chosen to save memory keeps it "
+                "saved by default)")
+    if not settings.kernel_on("lora"):
+        return "the fused LoRA layers, which read the kept copies, are off (UNSLOTH_PATCH_KERNELS, KERNELS_OFF=lora)"
+    return None
+
+
+def _keep_dense_4bit(edits: Edits) -> None:
+    """4-bit weights dequantised once and kept for this ``train()``; the copies go when it returns."""
+    from ..kernels import projection
+
+    edits.call(lambda: projection.keeping_dense(True), lambda: projection.keeping_dense(False))
 
 
 # --------------------------------------------------------------------------- applying

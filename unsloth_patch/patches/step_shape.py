@@ -73,6 +73,7 @@ def step_shape(trainer, spec, mixed) -> "policy.StepShape | None":
         quantized=quantized,
         quantization="4bit" if quantized and only_4bit else ("other" if quantized else ""),
         dequant_bytes=dequant if only_4bit else 0,
+        dense_4bit_bytes=sum(dense) * activation if only_4bit else 0,
         experts=max(size(name) for name in _EXPERT_FIELDS),
     )
 

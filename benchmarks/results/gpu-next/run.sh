@@ -18,8 +18,9 @@ step() { echo "## $(date +%T) $*"; "$@"; }
 #    the last GPU check), about a minute
 step python3 benchmarks/lora_fusion_check.py --quant nf4 --out $R/check-nf4.json
 step python3 benchmarks/lora_fusion_check.py --out $R/check.json
-# 2. issues 12-15 on the H200 if this is one: the rows users compare on, one run
-step $B --model llama --configs stock,unsloth,unsloth_patch_budget,unsloth_patch
+# 2. issues 13-15 on the H200 if this is one: the rows users compare on, one run (plain_ckpt: issue 13's
+#    full-checkpointing figure)
+step $B --model llama --configs stock,unsloth,unsloth_patch_budget,unsloth_patch,unsloth_patch_plain_ckpt
 step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget,stock_lora,unsloth_patch_lora
 step $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget,stock_qlora,unsloth_patch_qlora,unsloth_patch_qlora_dense
 # 3. issue 14: the 10 GiB row against the 9.38 GiB one, interleaved, with the MLP chunk A/B (the fourth session's

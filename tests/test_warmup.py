@@ -267,3 +267,31 @@ def test_the_start_up_report_says_what_the_warm_up_did():
     assert summary["notes"] == {"kernel warm-up": line} and "waiting for kernel compilation" in summary["phases"]
     startup.begin()  # the next trainer starts without the previous one's notes
     assert "notes" not in startup.train_started(0.0)
+
+
+def test_train_reports_a_warm_up_that_finished_before_it_was_called(monkeypatch):
+    """A warm-up whose threads are done when ``train()`` starts costs no wait, but the report still says what it
+    compiled (on the GPU, every LoRA and QLoRA row lost it once the warm-up began at model construction)."""
+    import threading
+    from types import SimpleNamespace
+
+    from unsloth_patch import startup
+    from unsloth_patch.patches import training_edits
+
+    done = threading.Thread(target=lambda: None)
+    done.start()
+    done.join()
+    monkeypatch.setattr(warmup, "_threads", [done])
+    monkeypatch.setattr(warmup, "_tasks", [])
+    monkeypatch.setattr(warmup, "_outcome", {"seconds": 1.75, "specs": 3, "failed": [], "begun": "at SFTTrainer()"})
+    monkeypatch.setattr(training_edits, "_startup_callback", lambda called_at: object())
+    assert not warmup.pending()
+    trainer = SimpleNamespace(add_callback=lambda callback: None, remove_callback=lambda callback: None)
+    startup.begin()
+    assert training_edits.handle_train(lambda: "trained", trainer, (), {}) == "trained"
+    summary = startup.train_started(0.0)
+    assert summary["notes"] == {"kernel warm-up": "3 variants in 1.75 s on compile threads, begun at SFTTrainer()"}
+    assert "waiting for kernel compilation" not in summary["phases"]
+    startup.begin()  # a train() with no warm-up at all reports none
+    assert training_edits.handle_train(lambda: "again", trainer, (), {}) == "again"
+    assert "notes" not in startup.train_started(0.0)

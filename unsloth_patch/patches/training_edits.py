@@ -101,6 +101,9 @@ def handle_train(proceed, trainer, args, kwargs):
     if warmup.pending():
         with startup.phase("waiting for kernel compilation"):
             outcome = warmup.wait()
+    else:  # done before train() (a LoRA model's set-up can outlast the compiles): nothing to wait for, reported
+        outcome = warmup.wait()
+    if outcome:
         startup.note("kernel warm-up", warmup.describe(outcome))
     callback = _startup_callback(called_at)
     trainer.add_callback(callback)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-GIB = 1 << 30
+from .policy import gib as _gib
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,6 @@ class DenseChoice:
     keep: bool
     copies_bytes: int  # the dense copies of every 4-bit weight (what keeping them holds)
     reason: str
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
 
 
 def choose(copies_bytes: int, bound: Optional[int], extra: int, budget: Optional[int],

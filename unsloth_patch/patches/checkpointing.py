@@ -331,11 +331,10 @@ def bound_of(trainer, spec, mixed, device):
     if device.type != "cuda":
         return None, "the bound is used on CUDA devices only", 0
     shape = step_shape(trainer, spec, mixed)
-    copies = shape.dense_4bit_bytes if shape is not None else 0
     if shape is None:
-        return None, "the model's config does not give the sizes the bound needs", copies
+        return None, "the model's config does not give the sizes the bound needs", 0
     why = policy.why_not_bounded(shape)
-    return (None, why, copies) if why else (policy.upper_bound(shape), "", copies)
+    return (None if why else policy.upper_bound(shape)), why or "", shape.dense_4bit_bytes
 
 
 def dense_off_reason(settings):

@@ -98,10 +98,9 @@ def handle_get_train_dataloader(proceed, trainer, args, kwargs):
 
 def handle_train(proceed, trainer, args, kwargs):
     called_at = time.perf_counter()
-    if warmup.pending():
-        with startup.phase("waiting for kernel compilation"):
-            outcome = warmup.wait()
-    else:  # done before train() (a LoRA model's set-up can outlast the compiles): nothing to wait for, reported
+    # a warm-up done before train() (a LoRA model's set-up can outlast the compiles) costs no wait, and is reported
+    waiting = startup.phase("waiting for kernel compilation") if warmup.pending() else contextlib.nullcontext()
+    with waiting:
         outcome = warmup.wait()
     if outcome:
         startup.note("kernel warm-up", warmup.describe(outcome))

@@ -3,9 +3,9 @@
 # measured, in order of what closes most. Ask `status` first and take nvidia-h200 if it is lent (issues
 # 13-15 name the H200). Run it as gpu-2026-12-07-d was run: make a snapshot `benchmarks/out/snap`
 # (`git archive HEAD | tar -x -C benchmarks/out/snap; git rev-parse --short HEAD > benchmarks/out/snap/COMMIT`),
-# then `bash benchmarks/results/gpu-next/start.sh` (carry .whl, .whl-peers-b, benchmarks/out/data,
-# benchmarks/out/snap) and `poll.sh` at once after each call returns. Sections 1-3 take about 19 minutes;
-# section 4 (8B model build, three bounded searches) may need the next session's time.
+# then `bash benchmarks/detached.sh start benchmarks/results/gpu-next/run.sh resn` (carry .whl, .whl-peers-b,
+# benchmarks/out/data, benchmarks/out/snap) and `bash benchmarks/detached.sh poll resn` at once after each
+# call. Sections 1-3 take about 19 minutes; section 4 (8B model build, three bounded searches) may need the next session's time.
 set -u
 R=/tmp/resn; mkdir -p $R
 cd /tmp/snap

@@ -1,6 +1,6 @@
 #!/bin/bash
 # 2026-12-07 (fifth session): what ran, as prepared in gpu-next by the fourth session. Started with
-# `bash benchmarks/detached.sh start benchmarks/results/gpu-2026-12-07-e/run.sh resn` (then the gpu-next path) from a
+# `bash benchmarks/detached.sh start benchmarks/results/gpu-next/run.sh resn` (this file is its copy) from a
 # `git archive` of c2c11c0 and collected by `detached.sh poll resn` over three calls on one warm H100 80GB (no
 # H200 was lent). Sections 1-3 finished; section 4 was cut by the end of the device time during unsloth_qlora.
 set -u

@@ -82,8 +82,12 @@ CONFIGS = {
     "unsloth_patch_qlora_budget": Config(True, "import unsloth_patch + QLoRA, budget = Unsloth QLoRA's peak",
                                          adapter="lora", quant="nf4", match="unsloth_qlora"),
     "unsloth_patch_qlora_dense": Config(True, "import unsloth_patch + QLoRA, UNSLOTH_PATCH_DENSE_4BIT=auto (4-bit "
-                                        "weights kept dense where the budget has room)", adapter="lora", quant="nf4",
+                                        "weights kept dense where the budget has room; the default since "
+                                        "2026-12-07)", adapter="lora", quant="nf4",
                                         env={"UNSLOTH_PATCH_DENSE_4BIT": "auto"}),
+    "unsloth_patch_qlora_per_call": Config(True, "import unsloth_patch + QLoRA, UNSLOTH_PATCH_DENSE_4BIT=off (4-bit "
+                                           "weights dequantised in every call)", adapter="lora", quant="nf4",
+                                           env={"UNSLOTH_PATCH_DENSE_4BIT": "off"}),
 }
 PEERS = ("trl_padding_free", "trl_liger", "trl_packing_bfd", "unsloth", "unsloth_packing", "unsloth_lora",
          "unsloth_qlora")

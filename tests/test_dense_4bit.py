@@ -280,12 +280,12 @@ def test_a_roomy_budget_keeps_the_4bit_weights_dense_for_the_run_with_the_same_l
     assert projection.kept_dense_count() == 0 and not projection._KEEP_DENSE[0]  # gone when train() returns
     kept_losses = losses(trainer)
 
-    _asking(monkeypatch, "off")  # the default
+    _asking(monkeypatch, "off")
     trainer, per_call = _qlora_trainer(tokenizer, dataset, tmp_path / "off")
     trainer.train()
     off = policy.last_decision()
     assert off.policy == "none" and not off.dense_4bit.keep
-    assert "UNSLOTH_PATCH_DENSE_4BIT=auto" in off.dense_4bit.reason
+    assert "UNSLOTH_PATCH_DENSE_4BIT=off" in off.dense_4bit.reason
     assert per_call.counts == [0] * 3
     assert len(kept_losses) == 3 and losses(trainer) == kept_losses  # bitsandbytes' own numbers: bit for bit
 
@@ -323,14 +323,14 @@ def test_ranks_agreeing_on_another_policy_keep_no_copies(tokenizer, dataset, tmp
     assert agreed.dense_4bit.copies_bytes == alone.dense_4bit.copies_bytes
 
 
-def test_keeping_is_off_unless_asked_for_and_needs_the_fused_lora_layers():
+def test_keeping_is_on_by_default_can_be_turned_off_and_needs_the_fused_lora_layers():
     from unsloth_patch.settings import Settings, read_settings
 
-    assert Settings().dense_4bit == "off" and read_settings({}).dense_4bit == "off"
-    assert read_settings({"UNSLOTH_PATCH_DENSE_4BIT": "auto"}).dense_4bit == "auto"
-    with pytest.raises(ValueError, match="UNSLOTH_PATCH_DENSE_4BIT='always'.*off, auto"):
+    assert Settings().dense_4bit == "auto" and read_settings({}).dense_4bit == "auto"
+    assert read_settings({"UNSLOTH_PATCH_DENSE_4BIT": "off"}).dense_4bit == "off"
+    with pytest.raises(ValueError, match="UNSLOTH_PATCH_DENSE_4BIT='always'.*auto, off"):
         read_settings({"UNSLOTH_PATCH_DENSE_4BIT": "always"})
-    assert "UNSLOTH_PATCH_DENSE_4BIT=auto" in wiring.dense_off_reason(Settings())
-    assert wiring.dense_off_reason(Settings(dense_4bit="auto")) is None
+    assert wiring.dense_off_reason(Settings()) is None  # the room decides
+    assert "UNSLOTH_PATCH_DENSE_4BIT=off" in wiring.dense_off_reason(Settings(dense_4bit="off"))
     for lora_off in (Settings(dense_4bit="auto", kernels="off"), Settings(dense_4bit="auto", kernels_off=("lora",))):
         assert "fused LoRA layers" in wiring.dense_off_reason(lora_off)

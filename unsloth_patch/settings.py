@@ -133,9 +133,10 @@ TOGGLES: tuple[Toggle, ...] = (
            "Replace TRL's default gradient checkpointing by the cheapest policy that fits the card."),
     Toggle("MEMORY_BUDGET_GB", None, _positive_number("24 or 7.5", " of GiB"),
            "Memory budget (GiB) used instead of the card's memory when choosing a checkpointing policy."),
-    Toggle("DENSE_4BIT", "off", _choice("off", "auto"),
+    Toggle("DENSE_4BIT", "auto", _choice("auto", "off"),
            "QLoRA: auto = keep each 4-bit weight dense for the run (dequantised once, the 16-bit weights' size "
-           "held) where the step's upper bound leaves room for the copies; off = dequantise on every call."),
+           "held) where the step's upper bound leaves room for the copies under the budget; off = dequantise on "
+           "every call."),
     Toggle("LOG_LEVEL", "warning", _choice("debug", "info", "warning", "error"), "Level of the plugin's log."),
 )
 
@@ -154,7 +155,7 @@ class Settings:
     compat: str = "auto"
     checkpointing: str = "auto"
     memory_budget_gb: Optional[float] = None
-    dense_4bit: str = "off"
+    dense_4bit: str = "auto"
     log_level: str = "warning"
 
     def kernel_on(self, name: str) -> bool:

@@ -340,8 +340,7 @@ def bound_of(trainer, spec, mixed, device):
 def dense_off_reason(settings):
     """Why 4-bit weights are dequantised on every call whatever the room (None: the room decides)."""
     if settings.dense_4bit != "auto":
-        return ("off unless asked for (UNSLOTH_PATCH_DENSE_4BIT=auto: QLoRA chosen to save memory keeps it "
-                "saved by default)")
+        return "turned off (UNSLOTH_PATCH_DENSE_4BIT=off: every call dequantises)"
     if not settings.kernel_on("lora"):
         return "the fused LoRA layers, which read the kept copies, are off (UNSLOTH_PATCH_KERNELS, KERNELS_OFF=lora)"
     return None

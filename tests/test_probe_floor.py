@@ -219,6 +219,9 @@ def test_no_checkpointing_over_the_budget_is_never_run(tokenizer, dataset, tmp_p
     for record in decision.probe_steps:
         assert record["predicted"] <= budget_bytes and (record["peak"] or 0) <= budget_bytes, record
     assert decision.probe_peak_bytes <= budget_bytes
+    # each step's wall time is kept, so a start-up report can say where the probe's seconds went
+    assert decision.probe_steps and all(0 < r["seconds"] < 600 for r in decision.probe_steps), decision.probe_steps
+    assert decision.as_dict()["probe_steps"] == decision.probe_steps
 
 
 def test_the_probe_leaves_nothing_allocated(tokenizer, dataset, tmp_path, use_settings, monkeypatch):

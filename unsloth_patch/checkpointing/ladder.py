@@ -29,6 +29,7 @@ their predictions and peaks, are kept in ``records``.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 from . import estimate
@@ -63,7 +64,9 @@ class Ladder:
         self.release = release or (lambda: None)
         self.steps: dict = {}  # candidate -> its measured steps, smallest first
         self.failed: dict = {}  # candidate -> why it does not fit
-        self.records: list = []  # each step run: candidate, sequences, predicted and peak bytes (None: out of memory)
+        # each step run: candidate, sequences, predicted and peak bytes (None: out of memory), and its wall time in
+        # seconds (the step, restoring the model and freeing what it left: where a probe's start-up goes)
+        self.records: list = []
 
     def peak(self, name: str) -> int:
         """The predicted peak of the whole batch under ``name``; ``ProbeOutOfMemory`` with the reason when it
@@ -149,12 +152,14 @@ class Ladder:
         return ProbeBatch([max(self.spec.lengths)] * size, self.spec.flat)
 
     def _measure(self, name: str, size: int, predicted: int) -> None:
-        record = {"candidate": name, "sequences": size, "predicted": int(predicted), "peak": None}
+        record = {"candidate": name, "sequences": size, "predicted": int(predicted), "peak": None, "seconds": None}
         self.records.append(record)
         failure = None
+        started = time.perf_counter()
         try:
             step = self.run(name, self._batch(size))
         except Exception as exc:
+            record["seconds"] = round(time.perf_counter() - started, 4)
             if not is_out_of_memory(exc):
                 raise
             first = (str(exc).splitlines() or [""])[0][:160]
@@ -163,7 +168,7 @@ class Ladder:
             self.release()
             self.failed[name] = failure
             return
-        record["peak"] = step.peak
+        record["peak"], record["seconds"] = step.peak, round(time.perf_counter() - started, 4)
         self.steps.setdefault(name, []).append(step)
         if not fits(step.peak, self.extra, self.budget):
             self.failed[name] = (f"its {size}-sequence probe step held {gib(step.peak)}, over the budget "

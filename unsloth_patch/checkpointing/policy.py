@@ -38,7 +38,7 @@ class Decision:
     probe_peak_bytes: Optional[int] = None  # the most the probe's own small steps held at once
     bound_bytes: Optional[int] = None  # upper bound of the no-checkpointing step from the model's shape
     bound_note: str = ""  # why no bound was used (not bounded, or over the budget)
-    probe_steps: list = field(default_factory=list)  # each step run: candidate, sequences, predicted, peak bytes
+    probe_steps: list = field(default_factory=list)  # each step run: candidate, sequences, predicted, peak bytes, s
     longest: int = 0  # tokens of the probe's sequence: a batch of T tokens is T / longest sequence-equivalents
     chosen_steps: list = field(default_factory=list)  # the chosen candidate's measured steps (estimate.Step)
     seen_sequences: Optional[float] = None  # after train(): the largest batch it drew, in sequence-equivalents

@@ -73,6 +73,20 @@ def first_steady_step(steps: int) -> int:
     return max(1, steps // 10) if steps > 1 else 0
 
 
+def tokens_per_s_median_step(step_s, steady_tokens: int):
+    """Steady tokens per step over the median steady step's duration: the pace of a typical step, without the
+    few long ones (a peer's recompilations, a collection). Beside the steady figure, never instead of it: a
+    user waits for the long steps too. None without per-step times."""
+    if not step_s or not steady_tokens:
+        return None
+    steady = sorted(step_s[first_steady_step(len(step_s)):])
+    if not steady:
+        return None
+    middle = len(steady) // 2
+    median = steady[middle] if len(steady) % 2 else (steady[middle - 1] + steady[middle]) / 2
+    return (steady_tokens / len(steady)) / median if median > 0 else None
+
+
 class RunMeter:
     """Attach to a built trainer, then ``meter.train()`` in place of ``trainer.train()``."""
 

@@ -457,16 +457,17 @@ def report(results: pathlib.Path, markdown, png) -> str:
         lines.append("| configuration | whole-run tok/s, cold | whole-run tok/s, warm | steady tok/s | whole / steady | "
                      "x stock (cold) | x stock (steady) | "  # against the matching stock row
                      "x best peer of its kind (steady) | "
+                     "tok/s at the median steady step (x best peer) | "
                      "start-up s | build s | tok/s by train_runtime | peak GiB | predicted peak GiB (drawn / worst batch) | "
                      "final loss | max rel. loss diff vs stock |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name in CONFIGS:
             phases = by_name.get(name)
             if phases is None or "cold" not in phases:
                 continue
             r = phases["cold"]
             if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} ||||||||||||||")
+                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||||||||||")
                 continue
             warm = phases.get("warm")
             warm_text = f"{warm['tokens_per_s_whole']:,.0f}" if warm and "error" not in warm else ""
@@ -485,6 +486,10 @@ def report(results: pathlib.Path, markdown, png) -> str:
             vs_peer = (f"{steady / best_peer['tokens_per_s_steady']:.2f}x ({best_peer['config']})"
                        if best_peer and best_peer is not r and best_peer["tokens_per_s_steady"] and steady else "")
             ratio = f"{whole / steady:.2f}" if steady else ""
+            at_median = _median_step_rate(r)
+            peer_median = _median_step_rate(best_peer) if best_peer and best_peer is not r else None
+            median_text = (f"{at_median:,.0f}" + (f" ({at_median / peer_median:.2f}x)" if peer_median else "")
+                           if at_median else "")
             build = "" if r.get("build_s") is None else f"{r['build_s']:.1f}"
             predicted = r.get("predicted_peak_gib") or {}
             drawn = predicted.get("drawn_batches")
@@ -493,7 +498,7 @@ def report(results: pathlib.Path, markdown, png) -> str:
             peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
             startup = "" if r.get("startup_s") is None else f"{r['startup_s']:.1f}"
             lines.append(f"| {label} | {whole:,.0f} | {warm_text} | {steady:,.0f} | {ratio} | {vs_stock} | {vs_peer} | "
-                         f"{startup} | {build} | {r['tokens_per_s_train_runtime']:,.0f} | {peak} | {prediction} | "
+                         f"{median_text} | {startup} | {build} | {r['tokens_per_s_train_runtime']:,.0f} | {peak} | {prediction} | "
                          f"{r['final_loss']:.4f} | {diff} |")
         lines.append("")
     text = "\n".join(lines)
@@ -502,6 +507,13 @@ def report(results: pathlib.Path, markdown, png) -> str:
     if png:
         _plot({m: {n: p["cold"] for n, p in by.items() if "cold" in p} for m, by in runs.items()}, png)
     return text
+
+
+def _median_step_rate(r: dict):
+    """``metrics.tokens_per_s_median_step`` of a result, from its per-step diagnostics (None without them)."""
+    from metrics import tokens_per_s_median_step
+
+    return tokens_per_s_median_step((r.get("diagnostics") or {}).get("step_s"), r.get("steady_tokens") or 0)
 
 
 def _kind(name: str) -> tuple:

@@ -128,3 +128,19 @@ def test_older_results_get_the_wall_clock_steady_figure_from_their_per_step_reco
     assert new["tokens_per_s_steady_steps"] == 1000.0
     assert new["tokens_per_s_steady"] == pytest.approx(900 / (9 * 0.1 + 8 * 0.02))
     assert sft._normalized({**old, "diagnostics": {}})["tokens_per_s_steady"] is None  # no record: not guessed
+
+
+def test_the_median_step_figure_leaves_out_a_few_long_steps_that_the_steady_figure_keeps():
+    """A peer that recompiles in a few steady steps: its steady figure (wall-clock) pays for them, the
+    median-step figure shows the pace of its typical step; both are reported, side by side."""
+    from metrics import first_steady_step, tokens_per_s_median_step
+
+    steps = [3.0] + [0.1] * 18 + [2.0]  # a compiling first step, one stall in the steady window
+    skip = first_steady_step(len(steps))
+    steady_tokens = 1000 * (len(steps) - skip)
+    steady_rate = steady_tokens / sum(steps[skip:])
+    at_median = tokens_per_s_median_step(steps, steady_tokens)
+    assert at_median == pytest.approx(1000 / 0.1)
+    assert steady_rate < at_median / 1.5  # the stall costs the wall-clock figure a third of its rate
+    assert tokens_per_s_median_step([0.2, 0.1, 0.3], 2000) == pytest.approx(1000 / 0.2)  # even count: the mean of two
+    assert tokens_per_s_median_step([], 1000) is None and tokens_per_s_median_step([0.1, 0.1], 0) is None

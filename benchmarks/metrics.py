@@ -17,6 +17,7 @@ peers, ours): the instance's ``training_step`` is wrapped to count each micro-ba
 from __future__ import annotations
 
 import gc
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -79,11 +80,10 @@ def tokens_per_s_median_step(step_s, steady_tokens: int):
     user waits for the long steps too. None without per-step times."""
     if not step_s or not steady_tokens:
         return None
-    steady = sorted(step_s[first_steady_step(len(step_s)):])
+    steady = step_s[first_steady_step(len(step_s)):]
     if not steady:
         return None
-    middle = len(steady) // 2
-    median = steady[middle] if len(steady) % 2 else (steady[middle - 1] + steady[middle]) / 2
+    median = statistics.median(steady)
     return (steady_tokens / len(steady)) / median if median > 0 else None
 
 

@@ -159,16 +159,17 @@ class Ladder:
         try:
             step = self.run(name, self._batch(size))
         except Exception as exc:
-            record["seconds"] = round(time.perf_counter() - started, 4)
             if not is_out_of_memory(exc):
                 raise
             first = (str(exc).splitlines() or [""])[0][:160]
             failure = f"its {size}-sequence probe step ran out of memory ({type(exc).__name__}: {first})"
+        finally:
+            record["seconds"] = round(time.perf_counter() - started, 4)
         if failure is not None:  # the error and its frames are gone now: free what they held
             self.release()
             self.failed[name] = failure
             return
-        record["peak"], record["seconds"] = step.peak, round(time.perf_counter() - started, 4)
+        record["peak"] = step.peak
         self.steps.setdefault(name, []).append(step)
         if not fits(step.peak, self.extra, self.budget):
             self.failed[name] = (f"its {size}-sequence probe step held {gib(step.peak)}, over the budget "

@@ -221,6 +221,12 @@ def test_no_checkpointing_over_the_budget_is_never_run(tokenizer, dataset, tmp_p
     assert decision.probe_peak_bytes <= budget_bytes
     # each step's wall time is kept, so a start-up report can say where the probe's seconds went
     assert decision.probe_steps and all(0 < r["seconds"] < 600 for r in decision.probe_steps), decision.probe_steps
+    # and split into preparing, the step itself and putting the model back: the parts lie inside the whole
+    for record in decision.probe_steps:
+        if record["peak"] is not None:
+            parts = record["parts"]
+            assert set(parts) == {"prepare", "step", "restore"} and min(parts.values()) >= 0, record
+            assert parts["step"] > 0 and sum(parts.values()) <= record["seconds"] + 1e-3, record
     assert decision.as_dict()["probe_steps"] == decision.probe_steps
 
 

@@ -32,6 +32,9 @@ class Step:
     starts: tuple = ()  # bytes held when each phase began (empty: not recorded)
     kinds: tuple = ()  # what began each phase: "recompute" is a layer entered again during the backward
     end_grads: int = 0  # gradient bytes when the step ended
+    # wall seconds of its parts (``probe.measure``): preparing (restore point, hooks, batch), the step itself
+    # (synchronised on CUDA), putting the model back and freeing what it left; empty when not timed
+    seconds: tuple = ()
 
     @property
     def peak(self) -> int:

@@ -65,7 +65,8 @@ class Ladder:
         self.steps: dict = {}  # candidate -> its measured steps, smallest first
         self.failed: dict = {}  # candidate -> why it does not fit
         # each step run: candidate, sequences, predicted and peak bytes (None: out of memory), and its wall time in
-        # seconds (the step, restoring the model and freeing what it left: where a probe's start-up goes)
+        # seconds (the step, restoring the model and freeing what it left: where a probe's start-up goes), split
+        # into its parts ("parts": prepare, step, restore) when it did not run out of memory
         self.records: list = []
 
     def peak(self, name: str) -> int:
@@ -170,6 +171,8 @@ class Ladder:
             self.failed[name] = failure
             return
         record["peak"] = step.peak
+        if step.seconds:  # where the step's wall time went: preparing, the step, putting back and freeing
+            record["parts"] = dict(zip(("prepare", "step", "restore"), step.seconds))
         self.steps.setdefault(name, []).append(step)
         if not fits(step.peak, self.extra, self.budget):
             self.failed[name] = (f"its {size}-sequence probe step held {gib(step.peak)}, over the budget "

@@ -11,8 +11,10 @@ sequences to the full batch (``estimate``). Which steps run, and in which order,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -262,6 +264,7 @@ def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed:
     import torch
 
     step = step or run_probe
+    began = time.perf_counter()
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     vocab = model.get_input_embeddings().num_embeddings
@@ -283,17 +286,21 @@ def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed:
             baseline = meter.current - _nbytes(inputs)
             context = meter.measuring(phases=True)
         meter.grads = lambda: _nbytes(p.grad for p in params if p.grad is not None)
+        prepared = time.perf_counter()
         with context:
             step(model, batch, policy, kwargs, mixed, loss_fn)
+        stepped = time.perf_counter()
         result = estimate.Step(len(spec.lengths), baseline, tuple(meter.phases), tuple(meter.starts),
                                tuple(meter.kinds), meter.end_grads)
-        return result if phases else result.peak
     finally:
         for handle in hooks:
             handle.remove()
         batch = inputs = None
         point.restore()
         release(device)
+    parts = (prepared - began, stepped - prepared, time.perf_counter() - stepped)
+    result = dataclasses.replace(result, seconds=tuple(round(part, 4) for part in parts))
+    return result if phases else result.peak
 
 
 def release(device) -> None:

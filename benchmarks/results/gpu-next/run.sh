@@ -1,5 +1,5 @@
 #!/bin/bash
-# Prepared on 2026-12-07 (fifth session) for the next device session: what the open issues still need
+# Prepared on 2026-12-07 (fifth session, revised in the sixth) for the next device session: what the open issues still need
 # measured, in order of what closes most. Ask `status` first and take nvidia-h200 if it is lent (issues
 # 13-15 name the H200; the 80 GiB longest-context budget needs one). Run it as gpu-2026-12-07-e was run: make a
 # snapshot `benchmarks/out/snap` (`git archive HEAD | tar -x -C benchmarks/out/snap; git rev-parse --short HEAD >
@@ -41,19 +41,18 @@ if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   step $L --budgets 80 --configs unsloth_qlora,unsloth_patch_qlora --start 262144 --granularity 32768 --time-limit-s 420
   python3 benchmarks/longest_context.py report --out $R/longest > $R/longest.md 2>&1
 else
-# Not an H200 (the sixth session of 2026-12-07 was offered an H100 again): the H100 has measured the full-FT,
-# QLoRA and Qwen3 rows twice, so what was never measured comes first. Issue 14's 3.5 GiB LoRA row and issue 15's
-# LoRA at Unsloth's memory beside Unsloth's LoRA; the 10 GiB repeats beside a second Unsloth row; Unsloth's 24 GiB
-# longest context; then the full-FT and QLoRA rows as time allows
-  step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget,stock_lora,unsloth_patch_lora
-  UNSLOTH_PATCH_MEMORY_BUDGET_GB=3.5 step $B --model llama --configs unsloth_patch_lora --tag=-3.5gb
+# Not an H200 (five sessions of 2026-12-07 got H100s). The sixth session measured Unsloth's 24 GiB longest context
+# and the 3.5 GiB LoRA row, and found that a second Unsloth process read the first one's compile caches: sft.py now
+# empties Triton's, Inductor's and Unsloth's caches for every cold row, so the full-FT comparison runs again first,
+# with the 10 GiB repeats beside it; then the LoRA rows (the budget goals sit at 1.14-1.21x) and QLoRA, and the
+# probe's split step times (probe_steps[].parts) come with every budget row
+  step $B --model llama --configs stock,unsloth,unsloth_patch_budget,unsloth_patch,unsloth_patch_plain_ckpt
   UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $B --model llama --configs unsloth_patch --tag=-10gb --first-repeat 1
   step $B --model llama --configs unsloth --tag=-r2
   UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $B --model llama --configs unsloth_patch --tag=-10gb --first-repeat 2
-  step $L --budgets 24 --configs unsloth_qlora --start 32768 --granularity 8192 --time-limit-s 300
-  python3 benchmarks/longest_context.py report --out $R/longest > $R/longest.md 2>&1
-  step $B --model llama --configs stock,unsloth,unsloth_patch_budget,unsloth_patch,unsloth_patch_plain_ckpt
-  step $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget,stock_qlora,unsloth_patch_qlora,unsloth_patch_qlora_per_call
+  step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget,stock_lora,unsloth_patch_lora
+  UNSLOTH_PATCH_MEMORY_BUDGET_GB=3.5 step $B --model llama --configs unsloth_patch_lora --tag=-3.5gb
+  step $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget,stock_qlora,unsloth_patch_qlora
   step python3 benchmarks/profile_step.py --config unsloth_patch_plain_ckpt --data /tmp/data --out $R/profile-ours-ckpt.json
   python3 benchmarks/profile_step.py report --results $R/profile-*.json > $R/profile.md 2>&1
 fi

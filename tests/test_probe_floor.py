@@ -261,6 +261,41 @@ def test_the_probe_leaves_nothing_allocated(tokenizer, dataset, tmp_path, use_se
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_completed_probe_steps_keep_the_allocator_cache_and_a_failed_one_frees_it(tokenizer, dataset, tmp_path,
+                                                                                  use_settings, monkeypatch):
+    """Emptying the CUDA allocator's cache after every probe step made the next step allocate each block from the
+    driver again; only a step that ran out of memory (whose blocks may be fragmented) has the cache freed."""
+    real_step, real_release = probe_module.run_probe, probe_module.release
+    calls = []
+
+    def none_runs_out(model, batch, name, kwargs, mixed, loss_fn=None):
+        calls.append(("step", name))
+        if name == "none":
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_step(model, batch, name, kwargs, mixed, loss_fn)
+
+    def recorded(device, cache=True):
+        calls.append(("release", cache))
+        return real_release(device, cache)
+
+    monkeypatch.setattr(probe_module, "run_probe", none_runs_out)
+    monkeypatch.setattr(probe_module, "release", recorded)
+    monkeypatch.setattr(policy, "release", recorded)  # the ladder's release after a failed step
+    trainer = _trainer(tokenizer, dataset, tmp_path)
+    use_settings(memory_budget_gb=64.0)
+    decision = wiring._decide_locally(trainer, current())
+    assert "ran out of memory" in decision.rejected["none"], decision.summary()
+    after = {}
+    for index, call in enumerate(calls[:-1]):
+        if call[0] == "step":
+            after.setdefault(call[1], []).append(calls[index + 1])
+    assert after["none"] == [("release", True)], calls  # its frames gone, freed again by the ladder:
+    failed = calls.index(("step", "none"))
+    assert ("release", True) in calls[failed + 2:failed + 3], calls
+    completed = [name for name in after if name != "none"]
+    assert completed and all(after[name] == [("release", False)] * len(after[name]) for name in completed), calls
+
+
 def test_a_generous_budget_chooses_as_before(tokenizer, dataset, tmp_path, use_settings):
     """The fastest candidate, with the same predicted peak as the probe before steps were predicted (each
     candidate's peak from ``predicted_peak`` alone, fastest first)."""

@@ -367,7 +367,7 @@ def run_all(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     names = configurations(args.configs)
     peaks: dict = {}
-    caches = {name: _fresh_caches(name) for name in names}
+    caches: dict = {}  # name -> its cold row's cache directories (cold runs first, and a skipped cold skips warm)
     runs = [(rep, name, phase) for rep in range(args.repeat) for name in names for phase in _phases(args)]
     for rep, name, phase in runs:  # interleaved: every configuration's repeat r before any r + 1
         config = CONFIGS[name]

@@ -11,7 +11,6 @@ sequences to the full batch (``estimate``). Which steps run, and in which order,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import random
 import time
@@ -291,8 +290,6 @@ def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed:
         with context:
             step(model, batch, policy, kwargs, mixed, loss_fn)
         stepped = time.perf_counter()
-        result = estimate.Step(len(spec.lengths), baseline, tuple(meter.phases), tuple(meter.starts),
-                               tuple(meter.kinds), meter.end_grads)
         completed = True
     finally:
         for handle in hooks:
@@ -301,7 +298,8 @@ def measure(model, spec: ProbeBatch, policy: str, kwargs: Optional[dict], mixed:
         point.restore()
         release(device, cache=not completed)
     parts = (prepared - began, stepped - prepared, time.perf_counter() - stepped)
-    result = dataclasses.replace(result, seconds=tuple(round(part, 4) for part in parts))
+    result = estimate.Step(len(spec.lengths), baseline, tuple(meter.phases), tuple(meter.starts),
+                           tuple(meter.kinds), meter.end_grads, tuple(round(part, 4) for part in parts))
     return result if phases else result.peak
 
 

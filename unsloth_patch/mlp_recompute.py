@@ -125,7 +125,8 @@ def default_chunk() -> int:
     return chunked_mlp.CHUNK_TOKENS
 
 
-def _marked(model):
+def marked(model) -> list:
+    """The MLPs of ``model`` that run chunked under ``mlp_recompute`` and ``offload``."""
     return [m for m in model.modules() if getattr(m, MARK, False) and getattr(m, "_unsloth_activation", None)]
 
 
@@ -133,16 +134,16 @@ def bytes_per_token(model, itemsize: int) -> int:
     """What one token of a chunk holds at the backward's peak: four intermediate-wide tensors (the
     recomputed gate, up and product, and the product's gradient) of ``itemsize`` bytes, for the widest
     marked MLP; 0 when there is none."""
-    widths = [getattr(getattr(m, "gate_proj", None), "out_features", 0) or 0 for m in _marked(model)]
+    widths = [getattr(getattr(m, "gate_proj", None), "out_features", 0) or 0 for m in marked(model)]
     return 4 * max(widths, default=0) * itemsize
 
 
 def set_chunk(model, tokens: int, edits) -> int:
     """Run each marked MLP of ``model`` in chunks of ``tokens`` tokens, through ``edits``; returns how many."""
-    marked = _marked(model)
-    for module in marked:
+    modules = marked(model)
+    for module in modules:
         edits.setattr(module, CHUNK, int(tokens))
-    return len(marked)
+    return len(modules)
 
 
 def mark_last_mlps(model, edits, fused_mlp) -> int:

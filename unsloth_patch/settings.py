@@ -129,8 +129,10 @@ TOGGLES: tuple[Toggle, ...] = (
            "mlp_recompute, lora, mlp_chunk, comma-separated."),
     Toggle("COMPAT", "auto", _choice("auto", "off"),
            "Translate SFTTrainer arguments written for other TRL versions."),
-    Toggle("CHECKPOINTING", "auto", _choice("auto", "off"),
-           "Replace TRL's default gradient checkpointing by the cheapest policy that fits the card."),
+    Toggle("CHECKPOINTING", "auto", _choice("auto", "uniform", "off"),
+           "Replace TRL's default gradient checkpointing by the cheapest policy that fits the card: auto = and let "
+           "each smaller batch spend the room it leaves (larger MLP chunks, a faster policy, layers unchecked); "
+           "uniform = every batch as the worst one; off = TRL's checkpointing as configured."),
     Toggle("MEMORY_BUDGET_GB", None, _positive_number("24 or 7.5", " of GiB"),
            "Memory budget (GiB) used instead of the card's memory when choosing a checkpointing policy."),
     Toggle("DENSE_4BIT", "auto", _choice("auto", "off"),

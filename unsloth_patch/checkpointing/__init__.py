@@ -25,11 +25,13 @@ the policies install), ``offload`` (offloaded checkpoints' host side: pinned poo
 CUDA; the CUDA cap), ``probe`` (one step and what it restores), ``ladder`` (which steps run, each
 predicted first), ``mlp_chunk`` (how many tokens a chunked MLP takes at once, from the room left under
 the budget, pure), ``dense_4bit`` (whether a QLoRA run keeps its 4-bit weights dense, from the room the
-bound leaves, pure). ``patches/checkpointing.py`` wires it into ``Trainer.train``.
+bound leaves, pure), ``per_batch`` (what each batch runs inside the chosen policy's budget: a larger MLP
+chunk, a faster candidate, layers left unchecked; pure). ``patches/checkpointing.py`` wires it into
+``Trainer.train``, ``patches/per_batch.py`` into each training step.
 """
 
-from .functions import (CHECKPOINT_FUNCTIONS, OFFLOAD_MIN_BYTES, checkpoint_function, checkpoint_offload,
-                        checkpoint_selective, install, restore_checkpointing, selective_available, selective_context,
+from .functions import (CHECKPOINT_FUNCTIONS, OFFLOAD_MIN_BYTES, PerBatch, checkpoint_function, checkpoint_offload,
+                        checkpoint_selective, install, layer_of, restore_checkpointing, selective_available, selective_context,
                         snapshot_checkpointing)
 from .bound import StepShape, upper_bound, why_not_bounded
 from .estimate import Step, extrapolate, peak_at, step_sizes
@@ -37,14 +39,14 @@ from .meter import CudaBytes, LiveBytes, boundary, memory_cap
 from .policy import (GIB, POLICIES, PREFERENCE, SAFETY_MARGIN, Decision, ProbeOutOfMemory, agree, agree_across_ranks, budget_for,
                      choose, fits, is_out_of_memory, last_decision, oom_types, optimizer_state_bytes, remember)
 from ..gc_freeze import quick_collections
-from .probe import (ProbeBatch, RestorePoint, autocast_for, floor_bytes, make_batch, measure, model_loss,
+from .probe import (ProbeBatch, RestorePoint, autocast_for, blocks, floor_bytes, make_batch, measure, model_loss,
                     predicted_peak, release, run_probe)
 from .ladder import Ladder
 
 _LiveBytes = LiveBytes  # the name the tests and benchmarks knew
 
 __all__ = [
-    "CHECKPOINT_FUNCTIONS", "OFFLOAD_MIN_BYTES", "checkpoint_function", "checkpoint_offload", "checkpoint_selective",
+    "CHECKPOINT_FUNCTIONS", "OFFLOAD_MIN_BYTES", "PerBatch", "layer_of", "blocks", "checkpoint_function", "checkpoint_offload", "checkpoint_selective",
     "install", "restore_checkpointing", "selective_available", "selective_context", "snapshot_checkpointing",
     "StepShape", "upper_bound", "why_not_bounded",
     "Step", "extrapolate", "step_sizes", "CudaBytes", "LiveBytes", "boundary", "memory_cap", "GIB", "POLICIES",

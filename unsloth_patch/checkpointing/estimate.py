@@ -104,9 +104,34 @@ def layer_bytes(steps: Sequence[Step]):
     from one, the largest rise per sequence (gradients included: more, the safe side). None when no
     layer was recomputed.
     """
-    def rises(step):
-        return [p[0] - start for p, start, kind in zip(step.phases, step.starts, step.kinds) if kind == "recompute"]
+    return _per_layer(steps, _rises)
 
+
+def recomputed_bytes(steps: Sequence[Step]):
+    """``(layers, bytes per sequence)`` of what one layer's forward keeps for its backward, from full
+    checkpointing's steps: the rise of each recomputation alone, without the layer's backward that follows
+    (where the probe marked its end, ``"recomputed"``; else as ``layer_bytes``). What a layer run without
+    checkpointing holds on top of a checkpointed step. None when no layer was recomputed."""
+    return _per_layer(steps, _forward_rises)
+
+
+def _rises(step: Step) -> list:
+    """Per recomputed layer: its recomputation's and its backward's highest point over where it began."""
+    out = []
+    for i, (phase, start, kind) in enumerate(zip(step.phases, step.starts, step.kinds)):
+        if kind == "recompute":
+            top = phase[0]
+            if i + 1 < len(step.kinds) and step.kinds[i + 1] == "recomputed":
+                top = max(top, step.phases[i + 1][0])
+            out.append(top - start)
+    return out
+
+
+def _forward_rises(step: Step) -> list:
+    return [p[0] - start for p, start, kind in zip(step.phases, step.starts, step.kinds) if kind == "recompute"]
+
+
+def _per_layer(steps: Sequence[Step], rises):
     if not steps:
         return None
     last = rises(steps[-1])

@@ -18,7 +18,7 @@ from .offload import unpack as _offload_unpack
 
 __all__ = ["OFFLOAD_MIN_BYTES", "CHECKPOINT_FUNCTIONS", "checkpoint_function", "checkpoint_selective",
            "checkpoint_mlp_recompute", "checkpoint_offload", "install", "selective_available", "selective_context",
-           "snapshot_checkpointing", "restore_checkpointing"]
+           "snapshot_checkpointing", "restore_checkpointing", "PerBatch", "layer_of"]
 
 
 _SAVE_OP_NAMES = (
@@ -145,6 +145,43 @@ def checkpoint_function(policy: str, kwargs: Optional[dict] = None):
         return _plain_checkpoint(kwargs)
     extra = {k: v for k, v in kwargs.items() if k not in ("use_reentrant", "context_fn")}
     return functools.partial(CHECKPOINT_FUNCTIONS[policy], **extra) if extra else CHECKPOINT_FUNCTIONS[policy]
+
+
+_CHECKPOINT_OPTIONS = ("use_reentrant", "context_fn", "preserve_rng_state", "determinism_check", "debug", "early_stop")
+
+
+def layer_of(function):
+    """The module a checkpointed call runs: transformers passes the layer's bound ``__call__`` (4.x), a
+    ``partial`` of it, or ``partial(forward, layer, **kwargs)`` (5.x); None when it cannot tell."""
+    while isinstance(function, functools.partial):
+        if function.args and hasattr(function.args[0], "_modules"):  # an nn.Module passed as ``self``
+            return function.args[0]
+        function = function.func
+    return getattr(function, "__self__", None)
+
+
+class PerBatch:
+    """The ``_gradient_checkpointing_func`` of a run whose batches choose their own policy
+    (``per_batch.py``): each layer call runs under the current batch's checkpoint function, or
+    unchecked (a plain call) when the batch runs no checkpointing or the layer is one of the
+    batch's unchecked layers."""
+
+    def __init__(self, functions: dict, policy: str):
+        self.functions = functions  # policy -> its checkpoint function (None: no checkpointing)
+        self.policy = policy
+        self.unchecked: frozenset = frozenset()  # ids of the layers this batch runs without checkpointing
+
+    def set(self, policy: str, unchecked=()) -> None:
+        self.policy = policy
+        self.unchecked = frozenset(unchecked)
+
+    def __call__(self, function, *args, **kwargs):
+        run = self.functions.get(self.policy)
+        if run is None or (self.unchecked and id(layer_of(function)) in self.unchecked):
+            for name in _CHECKPOINT_OPTIONS:
+                kwargs.pop(name, None)
+            return function(*args, **kwargs)
+        return run(function, *args, **kwargs)
 
 
 def snapshot_checkpointing(model) -> list:

@@ -20,7 +20,7 @@ _active: list = []  # the meters of the steps being measured (innermost last)
 def boundary(kind: str = "forward") -> None:
     """Mark a phase boundary in the step being measured (nothing when none is); ``kind`` is what begins:
     ``"layer"`` (a layer's forward, in the forward only), ``"recompute"`` (a checkpointed function runs: in
-    the backward only, where it recomputes a layer), ``"backward"`` (the backward, or a layer's output
+    the backward only, where it recomputes a layer), ``"recomputed"`` (it returned: the layer's backward follows), ``"backward"`` (the backward, or a layer's output
     gradient), ``"forward"`` (anything else). A boundary of its kind outside its half of the step is no
     boundary (module hooks fire again in a recomputation on transformers 4.x, not on 5.x)."""
     if _active:
@@ -43,7 +43,7 @@ class _Phases:
         self._phase_kind = "forward"
 
     def end_phase(self, kind: str = "forward") -> None:
-        if (kind == "layer" and self._backward) or (kind == "recompute" and not self._backward):
+        if (kind == "layer" and self._backward) or (kind in ("recompute", "recomputed") and not self._backward):
             return
         self.phases.append((self.peak_now(), self._phase_grads))
         self.starts.append(self._phase_start)

@@ -45,6 +45,8 @@ class Decision:
     predicted_seen_bytes: Optional[int] = None  # after train(): the model's peak for that batch, plus the extra
     mlp_chunk: Optional[object] = None  # mlp_chunk.Chunk: the chunked MLPs' token chunk (chunked policies only)
     dense_4bit: Optional[object] = None  # dense_4bit.DenseChoice: 4-bit weights kept dense for the run, or why not
+    per_batch: Optional[object] = None  # per_batch.Facts: what each batch may run instead of the plan (None: nothing)
+    per_batch_reason: str = ""  # why batches do not choose (when per_batch is None)
 
     @property
     def changes_training(self) -> bool:
@@ -67,7 +69,8 @@ class Decision:
                 f"later extra: {gib(self.extra_bytes)}; budget: {gib(self.budget_bytes)}; "
                 f"card: {gib(self.card_bytes)} [{self.device or 'n/a'}]{rejected}"
                 f"{'; ' + self.mlp_chunk.reason if self.mlp_chunk is not None else ''}"
-                f"{'; ' + self.dense_4bit.reason if self.dense_4bit is not None else ''}")
+                f"{'; ' + self.dense_4bit.reason if self.dense_4bit is not None else ''}"
+                f"{'; ' + self.per_batch.reason if self.per_batch is not None else ''}")
 
 
 _last: Optional[Decision] = None

@@ -198,8 +198,9 @@ def run_probe(model, batch: dict, policy: str, kwargs: Optional[dict], mixed: Op
 
 
 def _mark_recomputation(model) -> None:
-    """Each checkpointed function marks a phase boundary when it runs, so that a layer's recomputation in the
-    backward begins a phase of its own (``RestorePoint`` puts the checkpoint functions back)."""
+    """Each checkpointed function marks a phase boundary when it runs and when it returns, so that a layer's
+    recomputation in the backward is a phase of its own, and the layer's backward the next one
+    (``RestorePoint`` puts the checkpoint functions back)."""
     for module in model.modules():
         func = module.__dict__.get("_gradient_checkpointing_func")
         if func is not None and getattr(module, "gradient_checkpointing", False):
@@ -210,14 +211,17 @@ def _marked(checkpoint):
     def checkpointed(function, *args, **kwargs):
         def run(*inner, **named):
             boundary("recompute")
-            return function(*inner, **named)
+            try:
+                return function(*inner, **named)
+            finally:  # the layer's backward follows (also after PyTorch stops a recomputation early)
+                boundary("recomputed")
 
         return checkpoint(run, *args, **kwargs)
 
     return checkpointed
 
 
-def _blocks(model) -> list:
+def blocks(model) -> list:
     """The model's repeated layers: the children of its largest ``ModuleList`` (by parameter count)."""
     import torch
 
@@ -242,7 +246,7 @@ def _phase_hooks(model) -> list:
             first.register_hook(lambda grad: boundary("backward"))
 
     handles = []
-    for block in _blocks(model):
+    for block in blocks(model):
         handles += [block.register_forward_pre_hook(entered), block.register_forward_hook(left)]
     return handles
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 
 from .. import checkpointing as policy
-from ..checkpointing import dense_4bit, mlp_chunk
+from ..checkpointing import dense_4bit, mlp_chunk, per_batch
 from .. import log, mlp_recompute, startup
 from ..collate import PaddingFreeCollator
 from ..edits import Edits
 from ..settings import current
+from . import per_batch as batch_choices
 from . import seen_batches
 from .config_fields import was_explicit
 from .probe_loss import trainer_loss
@@ -42,6 +43,7 @@ def handle_train(proceed, trainer, args, kwargs):
         policy.remember(decision)
         log.logger.info("%s", decision.summary())
     edits = Edits()
+    tally = None
     try:
         if decision.changes_training:
             apply(trainer, decision.policy, edits)
@@ -49,6 +51,7 @@ def handle_train(proceed, trainer, args, kwargs):
                 mlp_recompute.set_chunk(_model(trainer), decision.mlp_chunk.tokens, edits)
             if decision.dense_4bit is not None and decision.dense_4bit.keep:
                 _keep_dense_4bit(edits)
+            tally = batch_choices.start(trainer, decision, kwargs_of(trainer.args), edits)
         elif decision.probed:
             _input_grads_for_reentrant(trainer)
         watch = seen_batches.watch(trainer, decision, edits)
@@ -60,6 +63,7 @@ def handle_train(proceed, trainer, args, kwargs):
     finally:
         edits.rollback()
         seen_batches.settle(decision, watch)
+        batch_choices.settle(decision, tally)
 
 
 # --------------------------------------------------------------------------- deciding
@@ -233,6 +237,8 @@ def decide(trainer, settings) -> policy.Decision:
         decision.chosen_steps = []  # measured for this rank's own choice, not the agreed one
         decision.mlp_chunk = None  # sized for this rank's own choice: the agreed one runs the probed chunks
         decision.dense_4bit = dense_4bit.overruled(decision.dense_4bit, f"the ranks agreed on {agreed}, not none")
+        decision.per_batch = None  # its faster candidates were measured against this rank's own choice
+        decision.per_batch_reason = f"the ranks agreed on {agreed}, not this rank's {decision.local_policy}"
     if decision.policy != "full":
         decision.probed = True
     return decision
@@ -307,6 +313,10 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         decision.reason = ("fastest candidate whose probed peak plus optimizer state fits the budget"
                            if chosen != "full" else "only full checkpointing fits the budget")
         decision.mlp_chunk = _chunk(model, spec, chosen, peaks.get(chosen), budget, extra, mixed, settings)
+        off = None if settings.checkpointing == "auto" else \
+            "UNSLOTH_PATCH_CHECKPOINTING=uniform: every batch runs the chosen policy as the worst batch would"
+        decision.per_batch, decision.per_batch_reason = per_batch.facts(
+            chosen, ladder.steps, max(spec.lengths), budget, extra, decision.mlp_chunk, off)
     decision.probed = True
     decision.bound_bytes, decision.bound_note = bound, note
     decision.dense_4bit = dense_4bit.choose(copies, None, extra, budget, off)

@@ -65,6 +65,16 @@ def test_a_small_batch_runs_a_faster_measured_policy_in_one_chunk_with_layers_un
     assert choice.unchecked == min(4, room // (150 * MIB * 2))
 
 
+def test_fewer_chunks_come_before_a_faster_policy():
+    """At 2.3 sequences the faster mlp_recompute fits only with two chunks; offload fits the batch in one."""
+    facts = _facts()
+    tokens = int(2.3 * LONGEST)
+    faster = estimate.peak_at(facts.steps["mlp_recompute"], tokens / LONGEST) + facts.extra
+    assert faster <= facts.limit and (facts.limit - faster) // 65536 + 2048 < tokens  # fits, in two chunks
+    choice = per_batch.choose(facts, tokens)
+    assert choice.policy == "offload" and choice.chunk >= tokens
+
+
 def test_the_worst_batch_runs_as_planned_and_every_choice_stays_under_the_margin():
     facts = _facts()
     worst = per_batch.choose(facts, 8 * LONGEST)

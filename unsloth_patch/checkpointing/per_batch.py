@@ -10,7 +10,8 @@ what saves the most host work per byte:
 1. **the MLP chunk** grows towards the whole batch (``mlp_chunk``: each chunk costs its launches;
    one chunk costs a batch ``bytes_per_token`` per token over the probed chunk);
 2. **a faster candidate** (``policy.PREFERENCE``) replaces the chosen one where its own measured
-   steps predict this batch fits (e.g. ``mlp_recompute`` for ``offload``: no host copies);
+   steps predict this batch fits (e.g. ``mlp_recompute`` for ``offload``: no host copies), unless
+   it would run the batch in more chunks than a slower one;
 3. **the last layers run without checkpointing**, as many as the room left holds, each at what one
    layer's forward keeps, as full checkpointing's recomputations measured it (``estimate.recomputed_bytes``).
 
@@ -112,28 +113,34 @@ def _largest_chunk(f: Facts, room: int, tokens: int) -> int:
 
 
 def choose(f: Facts, tokens: int) -> Choice:
-    """The choice for a batch of ``tokens`` tokens (flat, or padded rows times their length)."""
+    """The choice for a batch of ``tokens`` tokens (flat, or padded rows times their length): among the
+    candidates whose measured steps predict the batch fits under the margin, the one that runs it in the
+    fewest MLP chunks, the faster of those; then as many unchecked layers as the room left holds."""
     count = tokens / f.longest
     limit = f.limit
-    for name in f.steps:  # fastest first, the chosen one last
+    best = None
+    for rank, name in enumerate(f.steps):  # fastest first, the chosen one last
         base = estimate.peak_at(f.steps[name], count)
-        if base is None:
+        if base is None or base + f.extra > limit:
             continue
         base += f.extra
-        if base > limit:
-            continue
         chunk, cost = 0, 0
         if name in CHUNKED_POLICIES and f.chunk:
             chunk = max(_largest_chunk(f, limit - base, tokens), f.chunk if name == f.chosen else 0)
             cost = _chunk_cost(f, chunk, tokens)
-            if base + cost > limit:  # the run's own chunk over the margin: plan as the run was planned
-                break
-        unchecked = 0
-        per_layer = f.layer_bytes * count
-        if f.layers and per_layer > 0 and name != "none":
-            unchecked = min(f.layers, int((limit - base - cost) // per_layer))
-        return Choice(name, chunk, unchecked, int(base + cost + unchecked * per_layer))
-    return planned(f, tokens)
+            if base + cost > limit:  # the run's own chunk over the margin
+                continue
+        chunks = -(-tokens // chunk) if chunk else 1
+        if best is None or (chunks, rank) < best[0]:
+            best = ((chunks, rank), name, base + cost, chunk)
+    if best is None:
+        return planned(f, tokens)
+    _, name, held, chunk = best
+    unchecked = 0
+    per_layer = f.layer_bytes * count
+    if f.layers and per_layer > 0 and name != "none":
+        unchecked = min(f.layers, int((limit - held) // per_layer))
+    return Choice(name, chunk, unchecked, int(held + unchecked * per_layer))
 
 
 def planned(f: Facts, tokens: int) -> Choice:

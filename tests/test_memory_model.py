@@ -120,17 +120,20 @@ def test_the_peak_predicted_for_the_batches_drawn_is_within_five_percent(chosen,
     assert decision.policy == chosen and decision.chosen_steps, decision.summary()
     assert decision.seen_sequences == max(drawn) / decision.longest
     worst = decision.peaks[chosen] + decision.extra_bytes
-    assert decision.predicted_seen_bytes <= worst
-    assert worst > 1.1 * measured and decision.probe_peak_bytes < measured  # the case this test is about
-    if chosen == "offload" and checkpointing == "auto":  # room left by the batch drawn: its last layers unchecked
+    predicted = decision.predicted_seen_bytes
+    choosing = chosen == "offload" and checkpointing == "auto"
+    if choosing:  # room left by the batch drawn: its last layers ran unchecked, within the budget less the margin
         assert decision.per_batch.seen["steps"] == 1 and decision.per_batch.seen["unchecked_layers"] != {"0": 1}
+        assert predicted <= decision.per_batch.limit
     else:
         assert decision.per_batch is None and decision.per_batch_reason
-    predicted = decision.predicted_seen_bytes
+        assert predicted <= worst
+        assert worst > 1.1 * measured and decision.probe_peak_bytes < measured  # the case this test is about
     if hasattr(importlib.import_module("trl.trainer.utils"), "add_fused_lm_head"):
         assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
     else:
-        assert 0.95 * measured <= predicted and predicted - measured < worst - measured, (predicted, measured, worst)
+        assert 0.95 * measured <= predicted, (predicted, measured)
+        assert choosing or predicted - measured < worst - measured, (predicted, measured, worst)
 
 
 def test_the_probe_runs_under_the_mixed_precision_the_accelerator_trains_with(tokenizer, dataset, tmp_path,

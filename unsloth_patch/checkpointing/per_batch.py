@@ -29,7 +29,7 @@ from . import estimate
 from .mlp_chunk import CHUNKED_POLICIES, ROUND
 from .policy import PREFERENCE, gib
 
-MARGIN = 0.06  # of the budget, left free by every per-batch choice (the worst batch's plan may use it)
+MARGIN = 0.08  # of the budget, left free by every per-batch choice (the worst batch's plan may use it)
 ANCHOR = "full"  # whose recomputed layers measure one layer's activations
 
 

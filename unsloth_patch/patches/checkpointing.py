@@ -315,6 +315,8 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         decision.mlp_chunk = _chunk(model, spec, chosen, peaks.get(chosen), budget, extra, mixed, settings)
         off = None if settings.checkpointing == "auto" else \
             "UNSLOTH_PATCH_CHECKPOINTING=uniform: every batch runs the chosen policy as the worst batch would"
+        if off is None and int(getattr(trainer.args, "world_size", 1) or 1) > 1:
+            off = "several ranks: every batch runs the policy the ranks agree on (not yet chosen per batch)"
         decision.per_batch, decision.per_batch_reason = per_batch.facts(
             chosen, ladder.steps, max(spec.lengths), budget, extra, decision.mlp_chunk, off)
     decision.probed = True

@@ -17,25 +17,25 @@ B="python3 benchmarks/sft.py all --data /tmp/data --out $R --peer-path /tmp/peer
 L="python3 benchmarks/longest_context.py all --model llama8b --out $R/longest --peer-path /tmp/peers"
 step() { echo "## $(date +%T) $*"; "$@"; }
 U="env UNSLOTH_PATCH_CHECKPOINTING=uniform"
-# 1. LoRA at Unsloth's memory (3.37 GiB): per batch against uniform, twice, interleaved; the 3.5 GiB row
-step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget,stock_lora
+# 1. LoRA at Unsloth's memory (3.37 GiB): per batch against uniform, twice, interleaved, beside Unsloth
+step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget
 step $U $B --model llama --configs unsloth_patch_lora_budget --tag=-uniform
 step $B --model llama --configs unsloth_patch_lora_budget --tag=-r2
 step $U $B --model llama --configs unsloth_patch_lora_budget --tag=-uniform-r2
-UNSLOTH_PATCH_MEMORY_BUDGET_GB=3.5 step $B --model llama --configs unsloth_patch_lora --tag=-3.5gb
-# 2. full FT at 10 GiB: per batch against uniform, beside Unsloth and stock
-step $B --model llama --configs stock,unsloth
+# 2. full FT at 10 GiB: per batch against uniform, beside Unsloth
+step $B --model llama --configs unsloth
 UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $B --model llama --configs unsloth_patch --tag=-10gb
 UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $U $B --model llama --configs unsloth_patch --tag=-10gb-uniform
+UNSLOTH_PATCH_MEMORY_BUDGET_GB=3.5 step $B --model llama --configs unsloth_patch_lora --tag=-3.5gb
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   # 3. issue 14: longest context at 80 GiB (an H200 only: an H100 80GB cannot give the budget)
   step $L --budgets 80 --configs unsloth_patch_qlora --start 262144 --granularity 32768 --time-limit-s 360
   step $L --budgets 80 --configs unsloth_qlora --start 262144 --granularity 32768 --time-limit-s 360
   python3 benchmarks/longest_context.py report --out $R/longest > $R/longest.md 2>&1
 fi
-# 4. QLoRA at Unsloth's memory, per batch against uniform; the unconstrained rows for the whole-run ratios
-step $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget,stock_qlora
+# 4. QLoRA at Unsloth's memory, per batch against uniform; stock and the unconstrained rows for the whole-run ratios
+step $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget
 step $U $B --model llama --configs unsloth_patch_qlora_budget --tag=-uniform
-step $B --model llama --configs unsloth_patch,unsloth_patch_lora,unsloth_patch_qlora,unsloth_patch_budget
+step $B --model llama --configs stock_lora,stock,stock_qlora,unsloth_patch_lora,unsloth_patch,unsloth_patch_qlora
 echo "## $(date +%T) done"
 touch $R/DONE

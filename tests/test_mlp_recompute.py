@@ -205,6 +205,20 @@ def test_peft_lora_projections_and_why_others_are_left_to_peft():
         assert mlp_recompute.projection_of(mlp.down_proj)[1] == "adapters disabled or merged"
 
 
+def test_a_chunk_token_of_an_adapted_mlp_counts_the_adapters_scaled_gradient():
+    """Four intermediate-wide tensors a token; a fifth where gate and up carry LoRA (``dy * scaling``)."""
+    wrapped, mlp = _lora_mlp(lora_dropout=0.0, lora_alpha=4)
+    edits = Edits()
+    edits.setattr(mlp, "_unsloth_activation", "silu")
+    edits.setattr(mlp, mlp_recompute.MARK, True)
+    width = mlp.gate_proj.out_features
+    assert mlp_recompute.tensors_per_token(mlp) == 5
+    assert mlp_recompute.bytes_per_token(wrapped, 2) == 5 * width * 2
+    with wrapped.disable_adapter():  # the module path computes no adapter: four
+        assert mlp_recompute.tensors_per_token(mlp) == 4
+    edits.rollback()
+
+
 def test_the_chunked_path_runs_only_inside_a_layer_call():
     model = build_model("llama", vocab_size=64, num_layers=1)
     mlp = model.model.layers[0].mlp
@@ -304,7 +318,7 @@ def test_probe_chooses_it_and_training_matches_full_checkpointing(adapter, token
     assert decision.policy == "mlp_recompute", decision.summary()
     # the chunk is sized from the room left under the budget (here too little to grow) and is what the run uses
     chosen = decision.mlp_chunk
-    assert chosen.probed == 64 and chosen.bytes_per_token == 4 * 2048 * 4, chosen
+    assert chosen.probed == 64 and chosen.bytes_per_token == (5 if adapter else 4) * 2048 * 4, chosen  # +dy*scaling
     assert chosen.reason in decision.summary()
     assert set(chunks) == {chosen.tokens} and len(chunks) >= 2 * 2 * 4  # the probe's steps, then the 4 steps'
     got = losses(trainer)

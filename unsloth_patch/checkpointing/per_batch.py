@@ -46,7 +46,7 @@ class Facts:
     probed_chunk: int = 0  # the chunk the probe's steps ran with
     chunk_bytes_per_token: int = 0
     layers: int = 0  # checkpointed layers (0: a layer's activations are not known, none run unchecked)
-    layer_bytes: float = 0.0  # one layer's activations per sequence-equivalent
+    layer_bytes: float = 0.0  # what one layer's forward keeps for its backward, per sequence-equivalent
     reason: str = ""
     seen: dict = field(default_factory=dict)  # after train(): what the steps chose (``Tally.as_dict``)
 

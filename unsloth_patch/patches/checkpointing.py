@@ -313,12 +313,12 @@ def _decide_locally(trainer, settings) -> policy.Decision:
         decision.reason = ("fastest candidate whose probed peak plus optimizer state fits the budget"
                            if chosen != "full" else "only full checkpointing fits the budget")
         decision.mlp_chunk = _chunk(model, spec, chosen, peaks.get(chosen), budget, extra, mixed, settings)
-        off = None if settings.checkpointing == "auto" else \
+        uniform = None if settings.checkpointing == "auto" else \
             "UNSLOTH_PATCH_CHECKPOINTING=uniform: every batch runs the chosen policy as the worst batch would"
-        if off is None and int(getattr(trainer.args, "world_size", 1) or 1) > 1:
-            off = "several ranks: every batch runs the policy the ranks agree on (not yet chosen per batch)"
+        if uniform is None and int(getattr(trainer.args, "world_size", 1) or 1) > 1:
+            uniform = "several ranks: every batch runs the policy the ranks agree on (not yet chosen per batch)"
         decision.per_batch, decision.per_batch_reason = per_batch.facts(
-            chosen, ladder.steps, max(spec.lengths), budget, extra, decision.mlp_chunk, off)
+            chosen, ladder.steps, max(spec.lengths), budget, extra, decision.mlp_chunk, uniform)
     decision.probed = True
     decision.bound_bytes, decision.bound_note = bound, note
     decision.dense_4bit = dense_4bit.choose(copies, None, extra, budget, off)

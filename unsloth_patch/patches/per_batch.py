@@ -17,11 +17,7 @@ from .. import checkpointing as policy
 from .. import log, mlp_recompute
 from ..checkpointing import per_batch
 from ..edits import Edits
-
-
-def _tokens(inputs) -> int:
-    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
-    return int(ids.numel()) if ids is not None and hasattr(ids, "numel") else 0
+from .seen_batches import batch_tokens
 
 
 def start(trainer, decision, kwargs: dict, edits: Edits) -> Optional[per_batch.Tally]:
@@ -55,7 +51,7 @@ def start(trainer, decision, kwargs: dict, edits: Edits) -> Optional[per_batch.T
         tally.note(choice)
 
     def per_batch_step(model_, inputs, *args, **kw):
-        tokens = _tokens(inputs)
+        tokens = batch_tokens(inputs)
         if tokens and state["on"]:
             try:
                 choose(tokens)

@@ -20,6 +20,13 @@ from .. import log
 from ..edits import Edits
 
 
+def batch_tokens(inputs) -> int:
+    """A training batch's tokens, flat or padded rows times their length (host metadata, no device sync); 0 when
+    it has no ``input_ids``."""
+    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+    return int(ids.numel()) if ids is not None and hasattr(ids, "numel") else 0
+
+
 class _Largest:
     def __init__(self):
         self.tokens = 0
@@ -34,9 +41,7 @@ def watch(trainer, decision, edits: Edits) -> Optional[_Largest]:
     step = trainer.training_step
 
     def noting_step(model, inputs, *args, **kwargs):
-        ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
-        if ids is not None and hasattr(ids, "numel"):
-            largest.tokens = max(largest.tokens, int(ids.numel()))
+        largest.tokens = max(largest.tokens, batch_tokens(inputs))
         return step(model, inputs, *args, **kwargs)
 
     edits.setattr(trainer, "training_step", noting_step)

@@ -1,11 +1,12 @@
 #!/bin/bash
-# Prepared on 2026-12-07 (seventh session) for the device: per-batch checkpointing choices
-# (UNSLOTH_PATCH_CHECKPOINTING=auto, new) against every batch run as the worst one (=uniform, the build before),
-# A/B in one run, where the issues' budget goals sit at the edge: LoRA at Unsloth's 3.37 GiB (1.14x, goal 1.2x),
-# full FT at 10 GiB (0.73x Unsloth at the median step), QLoRA at 2.09 GiB; then the unconstrained rows. On an
-# H200 the 80 GiB longest context follows. Run as gpu-2026-12-07-f was run: a snapshot in benchmarks/out/snap
-# (`git archive HEAD | tar -x -C benchmarks/out/snap; git rev-parse --short HEAD > benchmarks/out/snap/COMMIT`),
-# then `bash benchmarks/detached.sh start benchmarks/results/gpu-next/run.sh resn` (carry .whl, .whl-peers-b,
+# Prepared on 2026-12-08 (eighth session) for the device: the acceptance rows of the memory-floor and LoRA issues
+# in one benchmark run, each configuration in a fresh process with empty caches, every budget row beside its peer
+# in the same sft.py call; then, on an H200 only, one 80 GiB longest-context trial of this build at a length past
+# Unsloth's published 342,733 (a full search of three configurations at 80 GiB takes longer than a session's
+# device time: one trial near 131k took 171 s at 24 GiB, and attention grows with the square of the length).
+# Run as before: a snapshot in benchmarks/out/snap (`git archive HEAD | tar -x -C benchmarks/out/snap;
+# git rev-parse --short HEAD > benchmarks/out/snap/COMMIT`), then
+# `bash benchmarks/detached.sh start benchmarks/results/gpu-next/run.sh resn` (carry .whl, .whl-peers-b,
 # benchmarks/out/data, benchmarks/out/snap) and `bash benchmarks/detached.sh poll resn` at once after each call.
 set -u
 R=/tmp/resn; mkdir -p $R
@@ -14,31 +15,21 @@ cp COMMIT $R/commit.txt
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > $R/card.txt
 B="python3 benchmarks/sft.py all --data /tmp/data --out $R --peer-path /tmp/peers"
-L="python3 benchmarks/longest_context.py all --model llama8b --out $R/longest --peer-path /tmp/peers"
 step() { echo "## $(date +%T) $*"; "$@"; }
-U="env UNSLOTH_PATCH_CHECKPOINTING=uniform"
-# A budget row sized to a peer (..._budget) needs that peer's peak from the same sft.py call: each such call names both.
-# The seventh session measured: 10 GiB +11% (auto against uniform), LoRA at 3.37 GiB +2.5%, one run each; and the
-# per-batch LoRA/QLoRA predictions 3-5.5% low, since corrected (the adapter's dy * scaling, one more chunk tensor).
-# 1. LoRA at Unsloth's memory (3.37 GiB): per batch against uniform, twice, interleaved, beside Unsloth
-step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget
-step $U $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget --tag=-uniform
-step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget --tag=-r2
-step $U $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget --tag=-uniform-r2
-# 2. full FT at 10 GiB: per batch against uniform, beside Unsloth
-step $B --model llama --configs unsloth
-UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $B --model llama --configs unsloth_patch --tag=-10gb
-UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $U $B --model llama --configs unsloth_patch --tag=-10gb-uniform
+# 1. LoRA: the user's default and the row at Unsloth's peak (issue 15), stock for the whole-run ratio and the losses
+step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget,stock_lora,unsloth_patch_lora
+# 2. LoRA at a 3.5 GiB budget (issue 14)
 UNSLOTH_PATCH_MEMORY_BUDGET_GB=3.5 step $B --model llama --configs unsloth_patch_lora --tag=-3.5gb
+# 3. full fine-tuning: Unsloth, stock, the default, and the 10 GiB budget (issue 14)
+step $B --model llama --configs unsloth,stock,unsloth_patch
+UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $B --model llama --configs unsloth_patch --tag=-10gb
+# 4. QLoRA as LoRA (issue 15)
+step $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget,stock_qlora,unsloth_patch_qlora
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-  # 3. issue 14: longest context at 80 GiB (an H200 only: an H100 80GB cannot give the budget)
-  step $L --budgets 80 --configs unsloth_patch_qlora --start 262144 --granularity 32768 --time-limit-s 360
-  step $L --budgets 80 --configs unsloth_qlora --start 262144 --granularity 32768 --time-limit-s 360
+  # 5. one step at 344,064 tokens under an 80 GiB budget (issue 14's longest context)
+  step python3 benchmarks/longest_context.py all --model llama8b --out $R/longest --peer-path /tmp/peers --budgets 80 \
+    --configs unsloth_patch_qlora --start 344064 --limit 344064 --granularity 32768 --time-limit-s 480
   python3 benchmarks/longest_context.py report --out $R/longest > $R/longest.md 2>&1
 fi
-# 4. QLoRA at Unsloth's memory, per batch against uniform; stock and the unconstrained rows for the whole-run ratios
-step $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget
-step $U $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget --tag=-uniform
-step $B --model llama --configs stock_lora,stock,stock_qlora,unsloth_patch_lora,unsloth_patch,unsloth_patch_qlora
 echo "## $(date +%T) done"
 touch $R/DONE

@@ -14,13 +14,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
 import torch.nn.functional as F  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import unsloth_patch  # noqa: E402  (activates the patches before TRL/transformers load)
 from unsloth_patch import checkpointing as policy  # noqa: E402
 from unsloth_patch import layers, mlp_recompute  # noqa: E402
 from unsloth_patch.checkpointing import mlp_chunk  # noqa: E402
 from unsloth_patch.edits import Edits  # noqa: E402
-from unsloth_patch.kernels import chunked_mlp  # noqa: E402
+from unsloth_patch.kernels import chunked_mlp, swiglu  # noqa: E402
 from unsloth_patch.kernels.chunked_mlp import Projection, chunked_gated_mlp  # noqa: E402
 from unsloth_patch.patches import checkpointing as wiring  # noqa: E402
 from unsloth_patch.settings import Settings  # noqa: E402
@@ -205,18 +207,50 @@ def test_peft_lora_projections_and_why_others_are_left_to_peft():
         assert mlp_recompute.projection_of(mlp.down_proj)[1] == "adapters disabled or merged"
 
 
-def test_a_chunk_token_of_an_adapted_mlp_counts_the_adapters_scaled_gradient():
-    """Four intermediate-wide tensors a token; a fifth where gate and up carry LoRA (``dy * scaling``)."""
+class _LiveBytes(TorchDispatchMode):
+    """The most bytes held at once by storages of at least ``floor`` bytes that the watched ops created."""
+
+    def __init__(self, floor):
+        super().__init__()
+        self.floor, self.storages, self.peak = floor, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= self.floor:
+                storage = t.untyped_storage()
+                self.storages[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        self.storages = {k: v for k, v in self.storages.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.storages.values()))
+        return out
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_chunk_holds_at_most_four_intermediate_wide_tensors_a_token(lora, monkeypatch):
+    """The memory model's ``bytes_per_token``: four, adapters or not, in the forward and in the backward."""
+    # the activation's PyTorch reference: Triton's CPU interpreter copies its arguments, a GPU launch does not
+    monkeypatch.setattr(swiglu, "is_supported", lambda device, dtype: False)
+    tokens, chunk, width = 1024, 512, 1024  # the activation's CPU reference works on blocks of 1/8 of a tensor
+    gate, up = (_projection(width, HIDDEN, lora, not lora, seed) for seed in (1, 2))
+    down = _projection(HIDDEN, width, lora, not lora, 3)
+    x = torch.randn(tokens, HIDDEN, requires_grad=True)
+    one_wide = chunk * width * 4  # one chunk's intermediate-wide fp32 tensor; weights and x are far smaller
+    with _LiveBytes(one_wide // 2) as forward:
+        out = chunked_gated_mlp(x, gate, up, down, chunk=chunk)
+    with _LiveBytes(one_wide // 2) as backward:
+        out.backward(torch.randn_like(out))
+    assert forward.peak <= mlp_recompute.TENSORS_PER_TOKEN * one_wide, forward.peak / one_wide
+    assert backward.peak == mlp_recompute.TENSORS_PER_TOKEN * one_wide, backward.peak / one_wide
+
+
+def test_a_chunk_token_is_sized_from_the_widest_marked_mlp():
     wrapped, mlp = _lora_mlp(lora_dropout=0.0, lora_alpha=4)
     edits = Edits()
     edits.setattr(mlp, "_unsloth_activation", "silu")
     edits.setattr(mlp, mlp_recompute.MARK, True)
-    width = mlp.gate_proj.out_features
-    assert mlp_recompute.tensors_per_token(mlp) == 5
-    assert mlp_recompute.bytes_per_token(wrapped, 2) == 5 * width * 2
-    with wrapped.disable_adapter():  # the module path computes no adapter: four
-        assert mlp_recompute.tensors_per_token(mlp) == 4
+    assert mlp_recompute.bytes_per_token(wrapped, 2) == 4 * mlp.gate_proj.out_features * 2
     edits.rollback()
+    assert mlp_recompute.bytes_per_token(wrapped, 2) == 0  # nothing marked
 
 
 def test_the_chunked_path_runs_only_inside_a_layer_call():
@@ -318,7 +352,7 @@ def test_probe_chooses_it_and_training_matches_full_checkpointing(adapter, token
     assert decision.policy == "mlp_recompute", decision.summary()
     # the chunk is sized from the room left under the budget (here too little to grow) and is what the run uses
     chosen = decision.mlp_chunk
-    assert chosen.probed == 64 and chosen.bytes_per_token == (5 if adapter else 4) * 2048 * 4, chosen  # +dy*scaling
+    assert chosen.probed == 64 and chosen.bytes_per_token == 4 * 2048 * 4, chosen
     assert chosen.reason in decision.summary()
     assert set(chunks) == {chosen.tokens} and len(chunks) >= 2 * 2 * 4  # the probe's steps, then the 4 steps'
     got = losses(trainer)

@@ -132,21 +132,16 @@ def marked(model) -> list:
 
 def bytes_per_token(model, itemsize: int) -> int:
     """What one token of a chunk holds at the backward's peak, in intermediate-wide tensors of ``itemsize``
-    bytes, for the widest marked MLP (0 when there is none): four (the recomputed gate and up, and their
-    gradients; or gate, up, the product and its gradient), and a fifth where the gate and up projections
-    carry a LoRA adapter (``kernels/chunked_mlp.py`` forms the adapter's output gradient, ``dy * scaling``,
-    beside the other four). Measured on an H100 (2026-12-07, seventh session): LoRA and QLoRA runs whose
-    chunks grew to 7-8k tokens held 18-20 KB a token more than four tensors' 64 KiB at width 8192 (one
-    more is 16 KiB); full fine-tuning held no more than four."""
-    sizes = [tensors_per_token(m) * (getattr(getattr(m, "gate_proj", None), "out_features", 0) or 0)
-             for m in marked(model)]
-    return max(sizes, default=0) * itemsize
+    bytes, for the widest marked MLP (0 when there is none): four (the recomputed gate, up and product, and the
+    product's gradient), adapters or not. ``kernels/chunked_mlp.py`` scales an adapter's ``[tokens, rank]``
+    products and adds its input-wide product inside the matmul; before it did (seventh session, H100) LoRA and
+    QLoRA chunks held a fifth at the down projection, 18-20 KB a token more than four tensors' 64 KiB at width
+    8192. ``tests/test_mlp_recompute.py`` counts the live tensors."""
+    widths = [getattr(getattr(m, "gate_proj", None), "out_features", 0) or 0 for m in marked(model)]
+    return TENSORS_PER_TOKEN * max(widths, default=0) * itemsize
 
 
-def tensors_per_token(mlp) -> int:
-    """Intermediate-wide tensors a token of one chunk of ``mlp`` holds at its backward's peak (``bytes_per_token``)."""
-    projections = [projection_of(getattr(mlp, name, None))[0] for name in ("gate_proj", "up_proj")]
-    return 5 if any(p is not None and p.lora_a is not None for p in projections) else 4
+TENSORS_PER_TOKEN = 4  # intermediate-wide tensors one chunk token holds at the backward's peak
 
 
 def set_chunk(model, tokens: int, edits) -> int:

@@ -10,8 +10,9 @@ intermediate tensors are live (the activation's gradients overwrite the projecti
 
 Each projection is a :class:`Projection`: a base weight (plain, or bitsandbytes 4-bit: dequantised once in the
 forward and once in the backward, dense only while the MLP runs) and, optionally, one LoRA adapter
-(``lora_b(lora_a(x)) * scaling`` added to the base output, as PEFT computes it, in the same order
-and dtype). Gradients go to whichever tensors require them: the adapters (low-rank order: the
+(``lora_b(lora_a(x)) * scaling`` added to the base output, PEFT's maths in its dtype, the addition and
+the scaling inside the low-rank matmul as ``kernels/lora_linear.py`` does them; the backward scales
+the ``[tokens, rank]`` products, never an intermediate-wide gradient). Gradients go to whichever tensors require them: the adapters (low-rank order: the
 dense merged weight is never formed) and the base weights when they are trained; they are summed
 over the chunks in float32. Everything runs in ``dtype`` (the autocast dtype, or the input's);
 ``x``'s gradient comes back in ``x``'s dtype.
@@ -51,8 +52,8 @@ def _weights(tensors, quant_states, dtype):
 
 def _project(x, weight, a, b, scaling):
     y = F.linear(x, weight)
-    if a is not None:
-        y = y + F.linear(F.linear(x, a), b) * scaling
+    if a is not None:  # the low-rank product added inside its matmul, into ``y``: no output-wide temporaries
+        y = y.addmm_(F.linear(x, a), b.t(), alpha=scaling)
     return y
 
 
@@ -142,13 +143,14 @@ def _input_grad(dy, inp, w, wanted, grads, at, scaling):
         _accumulate(grads, at, dy.t(), inp)
     d_inp = dy.mm(weight)
     if a is not None:
-        d_lora = dy * scaling  # the gradient of lora_b's output, as autograd forms it through "* scaling"
+        # ``scaling`` multiplies the [tokens, rank] products, not ``dy`` itself: no output-wide copy of ``dy``
+        # (the same numbers where ``scaling`` is a power of two, as alpha / r usually is)
         if wanted[at + 2]:
-            _accumulate(grads, at + 2, d_lora.t(), F.linear(inp, a))
-        d_low = d_lora.mm(b)  # [tokens, rank]
+            _accumulate(grads, at + 2, dy.t(), F.linear(inp, a).mul_(scaling))
+        d_low = dy.mm(b).mul_(scaling)  # [tokens, rank]
         if wanted[at + 1]:
             _accumulate(grads, at + 1, d_low.t(), inp)
-        d_inp = d_inp.add_(d_low.mm(a))
+        d_inp = d_inp.addmm_(d_low, a)  # in place: the input-wide product is never a tensor of its own
     return d_inp
 
 

@@ -25,5 +25,9 @@ step $B --model llama --configs unsloth,stock,unsloth_patch
 UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $B --model llama --configs unsloth_patch --tag=-10gb
 # 4. QLoRA as LoRA (issue 15)
 step $B --model llama --configs unsloth_qlora,unsloth_patch_qlora_budget,stock_qlora,unsloth_patch_qlora
+# 5. if the device time lasts: the LoRA pair at Unsloth's peak again, and the 10 GiB pair
+step $B --model llama --configs unsloth_lora,unsloth_patch_lora_budget --tag=-r2
+step $B --model llama --configs unsloth --tag=-r2
+UNSLOTH_PATCH_MEMORY_BUDGET_GB=10 step $B --model llama --configs unsloth_patch --tag=-10gb-r2
 echo "## $(date +%T) done"
 touch $R/DONE

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import swiglu
+from .lora_linear import scaled_mm
 from .projection import Projection, dense_weight
 
 __all__ = ["Projection", "chunked_gated_mlp", "CHUNK_TOKENS"]
@@ -146,8 +147,8 @@ def _input_grad(dy, inp, w, wanted, grads, at, scaling):
         # ``scaling`` multiplies the [tokens, rank] products, not ``dy`` itself: no output-wide copy of ``dy``
         # (the same numbers where ``scaling`` is a power of two, as alpha / r usually is)
         if wanted[at + 2]:
-            _accumulate(grads, at + 2, dy.t(), F.linear(inp, a).mul_(scaling))
-        d_low = dy.mm(b).mul_(scaling)  # [tokens, rank]
+            _accumulate(grads, at + 2, dy.t(), scaled_mm(inp, a.t(), scaling))
+        d_low = scaled_mm(dy, b, scaling)  # [tokens, rank]
         if wanted[at + 1]:
             _accumulate(grads, at + 1, d_low.t(), inp)
         d_inp = d_inp.addmm_(d_low, a)  # in place: the input-wide product is never a tensor of its own

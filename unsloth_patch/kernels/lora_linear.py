@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .projection import Projection, dense_weight as _dense
 
-__all__ = ["Projection", "projections"]
+__all__ = ["Projection", "projections", "scaled_mm"]
 
 
 _NO_CHANGE = contextlib.nullcontext()
@@ -49,7 +49,7 @@ def _to(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)  # ``.to`` parses its arguments even when nothing changes
 
 
-def _scaled_mm(a, b, scaling):
+def scaled_mm(a, b, scaling):
     """``scaling * (a @ b)`` in one kernel (``beta=0``: the uninitialised input is ignored, NaNs included)."""
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
 
@@ -125,8 +125,8 @@ class _Projections(torch.autograd.Function):
                         pieces.append(h.new_zeros(h_i.shape))
                         continue
                     if wanted[4 * i + 3]:
-                        out[4 * i + 3] = _scaled_mm(dy.t(), h_i, scalings[i])
-                    pieces.append(_scaled_mm(dy, ups[i], scalings[i]))
+                        out[4 * i + 3] = scaled_mm(dy.t(), h_i, scalings[i])
+                    pieces.append(scaled_mm(dy, ups[i], scalings[i]))
                 dh = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
                 if any(wanted[4 * i + 2] and dys[i] is not None for i in adapted):
                     d_a = dh.t().mm(xl)

@@ -350,11 +350,12 @@ def test_probe_chooses_it_and_training_matches_full_checkpointing(adapter, token
     trainer.train()
     decision = policy.last_decision()
     assert decision.policy == "mlp_recompute", decision.summary()
-    # the chunk is sized from the room left under the budget (here too little to grow) and is what the run uses
+    # the chunk is sized from the room left under the budget (here too little to grow) and is what the probe's
+    # steps and the worst batch use; a smaller batch may run larger chunks (per-batch choices), never smaller
     chosen = decision.mlp_chunk
     assert chosen.probed == 64 and chosen.bytes_per_token == 4 * 2048 * 4, chosen
     assert chosen.reason in decision.summary()
-    assert set(chunks) == {chosen.tokens} and len(chunks) >= 2 * 2 * 4  # the probe's steps, then the 4 steps'
+    assert min(chunks) == chosen.tokens and len(chunks) >= 2 * 2 * 4, chunks  # the probe's steps, then the 4 steps'
     got = losses(trainer)
     assert len(got) == len(reference) == 4
     for a, b in zip(reference, got):

@@ -7,8 +7,7 @@
 # The eighth session got no device machine (six tries, then loans paused). What its build adds and predicts:
 # a chunk token holds four intermediate-wide tensors with LoRA too (was five), 16 fewer launches per layer and
 # chunk: per-batch LoRA/QLoRA peak predictions within +-2% (were 2.8-5.5% low), LoRA at Unsloth's memory +3-5%.
-# Run as before: a snapshot in benchmarks/out/snap (`git archive HEAD | tar -x -C benchmarks/out/snap;
-# git rev-parse --short HEAD > benchmarks/out/snap/COMMIT`), then
+# Run as before: commit, `bash benchmarks/carry.sh` (the snapshot in benchmarks/out/snap, the carried size), then
 # `bash benchmarks/detached.sh start benchmarks/results/gpu-next/run.sh resn` (carry .whl, .whl-peers-b,
 # benchmarks/out/data, benchmarks/out/snap) and `bash benchmarks/detached.sh poll resn` at once after each call.
 set -u

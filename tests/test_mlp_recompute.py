@@ -226,8 +226,8 @@ class _LiveBytes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_a_chunk_holds_at_most_four_intermediate_wide_tensors_a_token(lora, monkeypatch):
-    """The memory model's ``bytes_per_token``: four, adapters or not, in the forward and in the backward."""
+def test_a_chunk_holds_three_intermediate_wide_tensors_a_token(lora, monkeypatch):
+    """The memory model's ``bytes_per_token``: three, adapters or not, in the forward and in the backward."""
     # the activation's PyTorch reference: Triton's CPU interpreter copies its arguments, a GPU launch does not
     monkeypatch.setattr(swiglu, "is_supported", lambda device, dtype: False)
     tokens, chunk, width = 1024, 512, 1024  # the activation's CPU reference works on blocks of 1/8 of a tensor
@@ -239,7 +239,7 @@ def test_a_chunk_holds_at_most_four_intermediate_wide_tensors_a_token(lora, monk
         out = chunked_gated_mlp(x, gate, up, down, chunk=chunk)
     with _LiveBytes(one_wide // 2) as backward:
         out.backward(torch.randn_like(out))
-    assert forward.peak <= mlp_recompute.TENSORS_PER_TOKEN * one_wide, forward.peak / one_wide
+    assert forward.peak == mlp_recompute.TENSORS_PER_TOKEN * one_wide, forward.peak / one_wide
     assert backward.peak == mlp_recompute.TENSORS_PER_TOKEN * one_wide, backward.peak / one_wide
 
 
@@ -248,7 +248,7 @@ def test_a_chunk_token_is_sized_from_the_widest_marked_mlp():
     edits = Edits()
     edits.setattr(mlp, "_unsloth_activation", "silu")
     edits.setattr(mlp, mlp_recompute.MARK, True)
-    assert mlp_recompute.bytes_per_token(wrapped, 2) == 4 * mlp.gate_proj.out_features * 2
+    assert mlp_recompute.bytes_per_token(wrapped, 2) == 3 * mlp.gate_proj.out_features * 2
     edits.rollback()
     assert mlp_recompute.bytes_per_token(wrapped, 2) == 0  # nothing marked
 
@@ -353,7 +353,7 @@ def test_probe_chooses_it_and_training_matches_full_checkpointing(adapter, token
     # the chunk is sized from the room left under the budget (here too little to grow) and is what the probe's
     # steps and the worst batch use; a smaller batch may run larger chunks (per-batch choices), never smaller
     chosen = decision.mlp_chunk
-    assert chosen.probed == 64 and chosen.bytes_per_token == 4 * 2048 * 4, chosen
+    assert chosen.probed == 64 and chosen.bytes_per_token == 3 * 2048 * 4, chosen
     assert chosen.reason in decision.summary()
     assert min(chunks) == chosen.tokens and len(chunks) >= 2 * 2 * 4, chunks  # the probe's steps, then the 4 steps'
     got = losses(trainer)
@@ -388,7 +388,7 @@ def test_a_larger_chunk_is_used_by_the_run_and_trains_the_same(tokenizer, datase
     runs, chunks = {}, []
     real = chunked_mlp.chunked_gated_mlp
     monkeypatch.setattr(chunked_mlp, "chunked_gated_mlp", lambda *a, **k: chunks.append(k["chunk"]) or real(*a, **k))
-    larger = mlp_chunk.Chunk(256, (256 - 64) * 4 * 2048 * 4, "room under the budget", 64, 4 * 2048 * 4)
+    larger = mlp_chunk.Chunk(256, (256 - 64) * 3 * 2048 * 4, "room under the budget", 64, 3 * 2048 * 4)
     for name, chunk in (("probed", None), ("larger", larger)):
         trainer = _trainer(tokenizer, dataset, tmp_path / name)
         forced = policy.Decision("mlp_recompute", "forced", probed=True, mlp_chunk=chunk)
@@ -410,7 +410,7 @@ def test_turned_off_by_name(tokenizer, dataset, tmp_path, fused_on_this_cpu, use
 
 
 MIB = 1 << 20
-PER_TOKEN = 4 * 5632 * 2  # the 1.1B Llama's four intermediate-wide bf16 tensors per token
+PER_TOKEN = 3 * 5632 * 2  # the 1.1B Llama's three intermediate-wide bf16 tensors per token
 
 
 def test_chunks_grow_into_half_the_room_left_under_the_budget():
@@ -451,7 +451,7 @@ def test_chunk_sizing_turned_off_by_name_keeps_the_probed_chunk():
     edits.setattr(model.model.layers[0].mlp, mlp_recompute.MARK, True)
     spec = SimpleNamespace(lengths=[4096, 4096], flat=True)
     on = wiring._chunk(model, spec, "mlp_recompute", 1000 * MIB, 8192 * MIB, 0, "bf16", Settings())
-    assert on.changed and on.bytes_per_token == 4 * 96 * 2 and on.tokens == 8192  # room for the whole batch
+    assert on.changed and on.bytes_per_token == 3 * 96 * 2 and on.tokens == 8192  # room for the whole batch
     off = wiring._chunk(model, spec, "mlp_recompute", 1000 * MIB, 8192 * MIB, 0, "bf16",
                         Settings(kernels_off=("mlp_chunk",)))
     assert not off.changed and off.reason.endswith("turned off by UNSLOTH_PATCH_KERNELS_OFF=mlp_chunk")
@@ -468,7 +468,7 @@ def test_a_run_sets_the_chunk_of_each_marked_mlp_and_puts_it_back():
         edits.setattr(layer.mlp, "_unsloth_activation", "silu")
     assert mlp_recompute.bytes_per_token(model, 2) == 0  # nothing marked
     edits.setattr(model.model.layers[1].mlp, mlp_recompute.MARK, True)
-    assert mlp_recompute.bytes_per_token(model, 2) == 4 * 96 * 2
+    assert mlp_recompute.bytes_per_token(model, 2) == 3 * 96 * 2
     assert mlp_recompute.default_chunk() == chunked_mlp.CHUNK_TOKENS
     run = Edits()
     assert mlp_recompute.set_chunk(model, 5, run) == 1
@@ -495,8 +495,8 @@ def test_the_prediction_for_the_batches_seen_counts_the_larger_chunks(monkeypatc
 
 
 def test_chunk_default_bounds_what_one_chunk_holds():
-    # four intermediate tensors of one chunk, bf16, for the 1.1B Llama's 8192: 128 MiB
-    assert 4 * chunked_mlp.CHUNK_TOKENS * 8192 * 2 == 128 << 20
+    # three intermediate tensors of one chunk, bf16, for the 1.1B Llama's 8192: 96 MiB
+    assert mlp_recompute.TENSORS_PER_TOKEN * chunked_mlp.CHUNK_TOKENS * 8192 * 2 == 96 << 20
 
 
 # --------------------------------------------------------------------------- offload's host side

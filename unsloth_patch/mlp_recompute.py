@@ -131,17 +131,17 @@ def marked(model) -> list:
 
 
 def bytes_per_token(model, itemsize: int) -> int:
-    """What one token of a chunk holds at the backward's peak, in intermediate-wide tensors of ``itemsize``
-    bytes, for the widest marked MLP (0 when there is none): four (the recomputed gate, up and product, and the
-    product's gradient), adapters or not. ``kernels/chunked_mlp.py`` scales an adapter's ``[tokens, rank]``
-    products and adds its input-wide product inside the matmul; before it did (seventh session, H100) LoRA and
-    QLoRA chunks held a fifth at the down projection, 18-20 KB a token more than four tensors' 64 KiB at width
-    8192. ``tests/test_mlp_recompute.py`` counts the live tensors."""
+    """What one token of a chunk holds at its peak, in intermediate-wide tensors of ``itemsize`` bytes, for the
+    widest marked MLP (0 when there is none): three, adapters or not (``kernels/chunked_mlp.py``: the gate, up and
+    product of the forward; in the backward the product is freed before its gradient is formed). Before the
+    eighth session a chunk held four, and LoRA and QLoRA chunks a fifth at the down projection (measured on an
+    H100 in the seventh, 18-20 KB a token more than four tensors' 64 KiB at width 8192).
+    ``tests/test_mlp_recompute.py`` counts the live tensors."""
     widths = [getattr(getattr(m, "gate_proj", None), "out_features", 0) or 0 for m in marked(model)]
     return TENSORS_PER_TOKEN * max(widths, default=0) * itemsize
 
 
-TENSORS_PER_TOKEN = 4  # intermediate-wide tensors one chunk token holds at the backward's peak
+TENSORS_PER_TOKEN = 3  # intermediate-wide tensors one chunk token holds at its peak
 
 
 def set_chunk(model, tokens: int, edits) -> int:

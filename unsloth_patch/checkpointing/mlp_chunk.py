@@ -1,7 +1,7 @@
 """How many tokens a chunked MLP computes at once, from the room the chosen policy leaves: a pure decision.
 
 Under ``mlp_recompute`` and ``offload`` each gated MLP runs in token chunks (``kernels/chunked_mlp.py``):
-one chunk's four intermediate-wide tensors are live at a time. The probe measures the policies with
+one chunk's three intermediate-wide tensors are live at a time. The probe measures the policies with
 the default chunk (``kernels.chunked_mlp.CHUNK_TOKENS``, passed in as ``probed``); every chunk costs its launches (three projections, each with its adapter,
 forward, recomputed and backward) whatever its size, so on a small step the host's launch work, not
 the card, sets the pace. Where the chosen policy's predicted peak leaves room under the budget, the

@@ -5,8 +5,10 @@ and, in the backward, the gradients of all three: six ``intermediate``-wide tens
 token for a 1.1B Llama with intermediate 8192, bf16) against the 4 KiB of ``x``. Under
 checkpointing the recomputed layer's MLP is the largest thing a LoRA step holds. Here the forward
 runs in chunks of ``chunk`` tokens and keeps only ``x``; the backward recomputes each chunk's
-projections and product, and frees them before the next chunk. At most one chunk's four
-intermediate tensors are live (the activation's gradients overwrite the projections).
+projections and product, and frees them before the next chunk. At most one chunk's three
+intermediate tensors are live: the forward's gate, up and product; in the backward the product goes once
+the down projection's parameter gradients are taken, before its gradient is formed, and the activation's
+gradients overwrite the projections.
 
 Each projection is a :class:`Projection`: a base weight (plain, or bitsandbytes 4-bit: dequantised once in the
 forward and once in the backward, dense only while the MLP runs) and, optionally, one LoRA adapter
@@ -35,7 +37,7 @@ from .projection import Projection, dense_weight
 
 __all__ = ["Projection", "chunked_gated_mlp", "CHUNK_TOKENS"]
 
-CHUNK_TOKENS = 2048  # one chunk's intermediate tensors: 4 x 2048 x intermediate x 2 bytes (128 MiB at 8192)
+CHUNK_TOKENS = 2048  # one chunk's intermediate tensors: 3 x 2048 x intermediate x 2 bytes (96 MiB at 8192)
 
 
 def _cast(t, dtype):
@@ -104,6 +106,7 @@ class _ChunkedGatedMLP(torch.autograd.Function):
                 hidden = swiglu.gated_forward_plain(gate, up, gelu)
                 del gate, up
                 out[start:start + chunk] = _project(hidden, w[6], w[7], w[8], scalings[2])
+                del hidden  # not held into the next chunk's projections
         return out.view(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -123,8 +126,9 @@ class _ChunkedGatedMLP(torch.autograd.Function):
                 dy = dy_rows[start:start + chunk].to(dtype)
                 gate, up = _gate_up(xc, w, scalings)
                 hidden = swiglu.gated_forward_plain(gate, up, gelu)
-                d_hidden = _input_grad(dy, hidden, w, wanted, grads, 6, scalings[2])
-                del hidden
+                d_low = _parameter_grads(dy, hidden, w, wanted, grads, 6, scalings[2])
+                del hidden  # the down projection's gradients are taken: its input goes before its input's gradient
+                d_hidden = _input_grad_from(dy, w, 6, d_low)
                 d_gate, d_up = swiglu.gated_backward_into(d_hidden, gate, up, gelu)
                 del d_hidden
                 d_x = _input_grad(d_gate, xc, w, wanted, grads, 0, scalings[0])
@@ -139,20 +143,32 @@ class _ChunkedGatedMLP(torch.autograd.Function):
 def _input_grad(dy, inp, w, wanted, grads, at, scaling):
     """The projection ``at`` (its weight, lora_a, lora_b in ``w[at:at + 3]``) given its output's gradient ``dy``
     and its input ``inp``: accumulates the parameters' gradients into ``grads``, returns the input's gradient."""
+    return _input_grad_from(dy, w, at, _parameter_grads(dy, inp, w, wanted, grads, at, scaling))
+
+
+def _parameter_grads(dy, inp, w, wanted, grads, at, scaling):
+    """Accumulates the gradients of the projection ``at``'s parameters, the last use of ``inp``; returns the
+    adapter's ``[tokens, rank]`` gradient (None without one) for :func:`_input_grad_from`. ``scaling`` multiplies
+    the ``[tokens, rank]`` products, not ``dy`` itself: no output-wide copy of ``dy`` (the same numbers where
+    ``scaling`` is a power of two, as alpha / r usually is)."""
     weight, a, b = w[at], w[at + 1], w[at + 2]
     if wanted[at]:
         _accumulate(grads, at, dy.t(), inp)
-    d_inp = dy.mm(weight)
-    if a is not None:
-        # ``scaling`` multiplies the [tokens, rank] products, not ``dy`` itself: no output-wide copy of ``dy``
-        # (the same numbers where ``scaling`` is a power of two, as alpha / r usually is)
-        if wanted[at + 2]:
-            _accumulate(grads, at + 2, dy.t(), scaled_mm(inp, a.t(), scaling))
-        d_low = scaled_mm(dy, b, scaling)  # [tokens, rank]
-        if wanted[at + 1]:
-            _accumulate(grads, at + 1, d_low.t(), inp)
-        d_inp = d_inp.addmm_(d_low, a)  # in place: the input-wide product is never a tensor of its own
-    return d_inp
+    if a is None:
+        return None
+    if wanted[at + 2]:
+        _accumulate(grads, at + 2, dy.t(), scaled_mm(inp, a.t(), scaling))
+    d_low = scaled_mm(dy, b, scaling)  # [tokens, rank]
+    if wanted[at + 1]:
+        _accumulate(grads, at + 1, d_low.t(), inp)
+    return d_low
+
+
+def _input_grad_from(dy, w, at, d_low):
+    """The input's gradient of the projection ``at``: the base part, plus the adapter's added inside the matmul
+    (``addmm_``, in place: the input-wide product is never a tensor of its own)."""
+    d_inp = dy.mm(w[at])
+    return d_inp if d_low is None else d_inp.addmm_(d_low, w[at + 1])
 
 
 def chunked_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, activation: str = "silu",

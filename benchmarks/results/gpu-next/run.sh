@@ -6,7 +6,7 @@
 # would take about 7-13 minutes, and the search of three configurations more than a session's device time.
 # The eighth session got no device machine (six tries, then loans paused). What its build adds and predicts:
 # a chunk token holds three intermediate-wide tensors (was four, five with LoRA), 16 fewer launches per layer and
-# chunk: per-batch LoRA/QLoRA peak predictions within +-2% (were 2.8-5.5% low), LoRA at Unsloth's memory +3-6%.
+# chunk: per-batch LoRA/QLoRA peak predictions within +-2% (were 2.8-5.5% low), LoRA at Unsloth's memory +1-4%.
 # Run as before: commit, `bash benchmarks/carry.sh` (the snapshot in benchmarks/out/snap, the carried size), then
 # `bash benchmarks/detached.sh start benchmarks/results/gpu-next/run.sh resn` (carry .whl, .whl-peers-b,
 # benchmarks/out/data, benchmarks/out/snap) and `bash benchmarks/detached.sh poll resn` at once after each call.

@@ -4,7 +4,7 @@
 # in the same sft.py call. The 80 GiB longest context is left out: one trial of this build near 131k tokens took
 # 171 s at 24 GiB, attention grows with the square of the length, so one step past Unsloth's published 342,733
 # would take about 7-13 minutes, and the search of three configurations more than a session's device time.
-# The eighth session got no device machine (six tries, then loans paused). What its build adds and predicts:
+# The eighth session got no device machine (seven tries, then loans paused). What its build adds and predicts:
 # a chunk token holds three intermediate-wide tensors (was four, five with LoRA), 16 fewer launches per layer and
 # chunk: per-batch LoRA/QLoRA peak predictions within +-2% (were 2.8-5.5% low), LoRA at Unsloth's memory +1-4%.
 # Run as before: commit, `bash benchmarks/carry.sh` (the snapshot in benchmarks/out/snap, the carried size), then

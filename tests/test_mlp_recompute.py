@@ -14,13 +14,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
 import torch.nn.functional as F  # noqa: E402
-from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import unsloth_patch  # noqa: E402  (activates the patches before TRL/transformers load)
 from unsloth_patch import checkpointing as policy  # noqa: E402
 from unsloth_patch import layers, mlp_recompute  # noqa: E402
-from unsloth_patch.checkpointing import mlp_chunk  # noqa: E402
+from unsloth_patch.checkpointing import meter, mlp_chunk  # noqa: E402
 from unsloth_patch.edits import Edits  # noqa: E402
 from unsloth_patch.kernels import chunked_mlp, swiglu  # noqa: E402
 from unsloth_patch.kernels.chunked_mlp import Projection, chunked_gated_mlp  # noqa: E402
@@ -207,22 +205,16 @@ def test_peft_lora_projections_and_why_others_are_left_to_peft():
         assert mlp_recompute.projection_of(mlp.down_proj)[1] == "adapters disabled or merged"
 
 
-class _LiveBytes(TorchDispatchMode):
-    """The most bytes held at once by storages of at least ``floor`` bytes that the watched ops created."""
+class _WideBytes(meter.LiveBytes):
+    """The probe's CPU meter, counting only storages of at least ``floor`` bytes: the intermediate-wide ones."""
 
     def __init__(self, floor):
         super().__init__()
-        self.floor, self.storages, self.peak = floor, {}, 0
+        self.floor = floor
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= self.floor:
-                storage = t.untyped_storage()
-                self.storages[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-        self.storages = {k: v for k, v in self.storages.items() if not v[0].expired()}
-        self.peak = max(self.peak, sum(n for _, n in self.storages.values()))
-        return out
+    def track(self, tensor) -> None:
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().nbytes() >= self.floor:
+            super().track(tensor)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -235,9 +227,9 @@ def test_a_chunk_holds_three_intermediate_wide_tensors_a_token(lora, monkeypatch
     down = _projection(HIDDEN, width, lora, not lora, 3)
     x = torch.randn(tokens, HIDDEN, requires_grad=True)
     one_wide = chunk * width * 4  # one chunk's intermediate-wide fp32 tensor; weights and x are far smaller
-    with _LiveBytes(one_wide // 2) as forward:
+    with _WideBytes(one_wide // 2).measuring() as forward:
         out = chunked_gated_mlp(x, gate, up, down, chunk=chunk)
-    with _LiveBytes(one_wide // 2) as backward:
+    with _WideBytes(one_wide // 2).measuring() as backward:
         out.backward(torch.randn_like(out))
     assert forward.peak == mlp_recompute.TENSORS_PER_TOKEN * one_wide, forward.peak / one_wide
     assert backward.peak == mlp_recompute.TENSORS_PER_TOKEN * one_wide, backward.peak / one_wide

@@ -15,15 +15,15 @@ rm -rf "$snap" && mkdir -p "$snap"
 git archive HEAD | tar -x -C "$snap"
 git rev-parse --short HEAD > "$snap/COMMIT"
 find "$snap/benchmarks/results" -mindepth 1 -maxdepth 1 ! -name gpu-next -exec rm -rf {} +
+kept='libbitsandbytes_(cuda130|cpu)\.so$'  # the device image's CUDA, and the CPU fallback
 for wheel in .whl/bitsandbytes-*.whl; do
     [ -e "$wheel" ] || continue
-    unzip -Z1 "$wheel" | grep 'libbitsandbytes_.*\.so$' | grep -qv '_cuda130\.so$\|_cpu\.so$' || continue  # slim already
+    dropped=$(unzip -Z1 "$wheel" | grep 'libbitsandbytes_.*\.so$' | grep -Ev "$kept" || true)
+    [ -n "$dropped" ] || continue  # slim already
     tmp=$(mktemp -d)
     unzip -q "$wheel" -d "$tmp"
-    for lib in "$tmp"/bitsandbytes/libbitsandbytes_*.so; do
-        name=bitsandbytes/$(basename "$lib")
-        case $name in */libbitsandbytes_cuda130.so|*/libbitsandbytes_cpu.so) continue ;; esac
-        rm "$lib"
+    for name in $dropped; do
+        rm "$tmp/$name"
         sed -i "\#^$name,#d" "$tmp"/bitsandbytes-*.dist-info/RECORD
     done
     rm "$wheel"

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import importlib  # noqa: E402
 
-va_module = importlib.import_module("unsloth_patch.kernels.varlen_attention")
+va_launch = importlib.import_module("unsloth_patch.kernels.varlen_attention_launch")
 from unsloth_patch.kernels.varlen_attention import varlen_attention  # noqa: E402
 
 LENGTHS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chitchat_lengths.json")
@@ -372,11 +372,11 @@ TUNE_SPACE = {  # around the best of a first, wider sweep (docs/kernel-notes.md)
 
 def run_tune(out_lines, dtype=torch.bfloat16):
     """One kernel at a time, others fixed; totals over two shapes per head dim."""
-    original = va_module._select_config
+    original = va_launch.select_config
     best_all = {}
     tune_shapes = [conversation_batch(16, seed=0), token_batch(16384, seed=0)]
     for d, hq, hk in [(64, 32, 8), (128, 16, 4)]:
-        base = dict(va_module._GPU_CONFIGS[d])
+        base = dict(va_launch.GPU_CONFIGS[d])
         inputs = []
         for lens in tune_shapes:
             q, k, v, cu = make_inputs(lens, hq, hk, d, dtype)
@@ -386,7 +386,7 @@ def run_tune(out_lines, dtype=torch.bfloat16):
             for cfg in TUNE_SPACE[kernel]:
                 trial = dict(base)
                 trial[kernel] = cfg
-                va_module._select_config = lambda *a, _t=trial: _t
+                va_launch.select_config = lambda *a, _t=trial: _t
                 total = 0.0
                 try:
                     for q, k, v, cu, m in inputs:
@@ -407,9 +407,9 @@ def run_tune(out_lines, dtype=torch.bfloat16):
                              + ", ".join(f"{c}={t:.3f}" for t, c in timings[1:]))
             print(out_lines[-1], flush=True)
         best_all[d] = base
-    va_module._select_config = original
+    va_launch.select_config = original
     for d, cfg in best_all.items():
-        va_module._GPU_CONFIGS[d] = cfg
+        va_launch.GPU_CONFIGS[d] = cfg
     out_lines.append("tuned: " + json.dumps({str(d): c for d, c in best_all.items()}))
     print(out_lines[-1], flush=True)
     return best_all

@@ -1,4 +1,4 @@
-"""Every patch in one table, and the machinery that applies and removes them.
+"""Every patch in one table, and the bookkeeping that applies and removes them (``patching.py`` does one target).
 
 A patch names its targets (``module:Qualified.attribute``), the TRL/transformers versions it
 supports, its toggle, and either a *handler* that wraps each target (wrapt) or an *install*
@@ -11,15 +11,12 @@ The first patch listed for a target ends up outermost: patches are applied botto
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-from . import log, versions
-from .errors import UnslothPatchError
+from . import log, patching, versions
+from .patching import contained  # noqa: F401  (part of this module's interface: tests and handlers use it)
 from .settings import Settings, current
 
 TRL_MODULE = "trl.trainer.sft_trainer"
@@ -242,56 +239,6 @@ def _record(patch: Patch) -> PatchRecord:
     return rec
 
 
-def _split(target: str) -> tuple[str, list[str]]:
-    module, _, path = target.partition(":")
-    return module, path.split(".")
-
-
-def _load(name: str) -> Callable:
-    module, _, attribute = name.partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def _resolve(target: str):
-    """(owner, attribute, current value) of a target whose module is already imported."""
-    module_name, path = _split(target)
-    owner = sys.modules[module_name]
-    for part in path[:-1]:
-        if not hasattr(owner, part):
-            raise LookupError(f"{module_name} has no attribute {'.'.join(path[: path.index(part) + 1])}")
-        owner = getattr(owner, part)
-    if not hasattr(owner, path[-1]):
-        raise LookupError(f"target {target} not found (the upstream API changed)")
-    return owner, path[-1], getattr(owner, path[-1])
-
-
-def _check_parameters(target: str, value, parameters: tuple[str, ...]) -> None:
-    if not parameters:
-        return
-    try:
-        signature = inspect.signature(value)
-    except (TypeError, ValueError) as exc:
-        raise LookupError(f"target {target} has no inspectable signature ({exc})") from None
-    missing = [p for p in parameters if p not in signature.parameters]
-    if missing:
-        raise LookupError(
-            f"target {target} changed shape: its signature {signature} lacks {', '.join(missing)}"
-        )
-
-
-def _modules_ready(patch: Patch) -> bool:
-    return all(_split(t)[0] in sys.modules for t in patch.targets)
-
-
-def _still_importing(patch: Patch) -> bool:
-    """A target module mid-import (circular imports) may simply not have defined the target yet."""
-    for target in patch.targets:
-        spec = getattr(sys.modules.get(_split(target)[0]), "__spec__", None)
-        if getattr(spec, "_initializing", False):
-            return True
-    return False
-
-
 def _apply_one(patch: Patch, settings: Settings) -> None:
     rec = _record(patch)
     if patch.name in _applied:
@@ -303,27 +250,27 @@ def _apply_one(patch: Patch, settings: Settings) -> None:
     if why is not None:
         rec.applied, rec.reason = False, f"not supported here: {why}"
         return
-    if not _modules_ready(patch):
+    if not patching.modules_ready(patch.targets):
         rec.applied, rec.reason = False, "waiting for its target module to be imported"
         return
     try:
-        resolved = [_resolve(t) for t in patch.targets]
+        resolved = [patching.resolve(t) for t in patch.targets]
         for target, (_, _, value) in zip(patch.targets, resolved):
-            _check_parameters(target, _unwrapped(value), patch.parameters)
+            patching.check_parameters(target, patching.unwrapped(value), patch.parameters)
         applied = _Applied(patch)
         try:
             if patch.install:
-                applied.restore.append(_load(patch.install)(resolved))
+                applied.restore.append(patching.load(patch.install)(resolved))
             else:
-                handler = _load(patch.handler)
+                handler = patching.load(patch.handler)
                 for owner, attribute, _ in resolved:
-                    applied.restore.append(_wrap(patch.name, owner, attribute, handler))
+                    applied.restore.append(patching.wrap(patch.name, owner, attribute, handler))
         except BaseException:
             for undo in reversed(applied.restore):
                 undo()
             raise
     except LookupError as exc:
-        if _still_importing(patch):
+        if patching.still_importing(patch.targets):
             rec.applied, rec.reason = False, "waiting for its target module to finish importing"
             return
         rec.applied, rec.reason = False, f"skipped: {exc}"
@@ -338,70 +285,6 @@ def _apply_one(patch: Patch, settings: Settings) -> None:
     _applied[patch.name] = applied
     _order.append(patch.name)
     rec.applied, rec.reason = True, "applied"
-
-
-def _unwrapped(value):
-    return getattr(value, "__wrapped__", value) if _is_ours(value) else value
-
-
-def _is_ours(value) -> bool:
-    try:
-        return bool(getattr(value, "_self_unsloth_patch", None))
-    except Exception:
-        return False
-
-
-def _wrap(name: str, owner, attribute: str, handler) -> Callable[[], None]:
-    import wrapt
-
-    had_own = attribute in vars(owner) if isinstance(owner, type) else True
-    original = vars(owner)[attribute] if isinstance(owner, type) and had_own else getattr(owner, attribute)
-    wrapper = wrapt.FunctionWrapper(original, contained(name, handler))
-    wrapper._self_unsloth_patch = name
-    setattr(owner, attribute, wrapper)
-
-    def restore() -> None:
-        if had_own:
-            setattr(owner, attribute, original)
-        else:
-            delattr(owner, attribute)
-
-    return restore
-
-
-def contained(name: str, handler):
-    """Run ``handler`` so that a failure of *our* logic never changes the user's call.
-
-    The handler gets ``proceed`` instead of the original: if it raises before calling
-    ``proceed``, the error is logged once and the original runs with the user's own
-    arguments; if it raises after ``proceed`` returned, the original's result is kept;
-    an error raised *by* the original propagates unchanged.
-    """
-
-    def wrapper(wrapped, instance, args, kwargs):
-        state = {"entered": False, "returned": False, "result": None}
-
-        def proceed(*call_args, **call_kwargs):
-            state["entered"] = True
-            result = wrapped(*call_args, **call_kwargs)
-            state["returned"], state["result"] = True, result
-            return result
-
-        try:
-            return handler(proceed, instance, args, kwargs)
-        except UnslothPatchError:
-            raise  # meant for the user (e.g. a toggle forced on where it cannot work)
-        except Exception as exc:
-            if state["entered"] and not state["returned"]:
-                raise
-            log.once(("error", name), logging.WARNING,
-                     "patch %r failed (%s: %s); running the original behaviour for this call",
-                     name, type(exc).__name__, exc, exc_info=log.logger.isEnabledFor(logging.DEBUG))
-            if state["returned"]:
-                return state["result"]
-            return wrapped(*args, **kwargs)
-
-    return wrapper
 
 
 def apply(names: Optional[list[str]] = None, settings: Optional[Settings] = None) -> list[PatchRecord]:
@@ -455,7 +338,7 @@ def on_import(module) -> None:
 
 
 def target_modules() -> list[str]:
-    return sorted({_split(t)[0] for p in PATCHES for t in p.targets})
+    return sorted({patching.split(t)[0] for p in PATCHES for t in p.targets})
 
 
 def report() -> list[PatchRecord]:

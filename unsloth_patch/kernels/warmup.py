@@ -81,35 +81,35 @@ def _attention_inputs(spec: AttentionSpec, device):
 
 
 def _attention_forward(spec: AttentionSpec, device) -> None:
-    va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
+    va = importlib.import_module("unsloth_patch.kernels.varlen_attention_launch")
     q, k, v, cu, longest, window = _attention_inputs(spec, device)
-    va._forward(q, k, v, cu, longest, None, True, window, spec.softcap)
+    va.forward(q, k, v, cu, longest, None, True, window, spec.softcap)
 
 
 def _backward_inputs(spec: AttentionSpec, device):
     """A made-up forward result for the backward's launches (they compile apart from the forward's)."""
-    va = importlib.import_module("unsloth_patch.kernels.varlen_attention")
+    va = importlib.import_module("unsloth_patch.kernels.varlen_attention_launch")
     q, k, v, cu, longest, window = _attention_inputs(spec, device)
     gen = own_generator(device)
     out = normal_like(gen, q)
     lse = normal(gen, spec.heads, q.shape[0], device=device, dtype=torch.float32).abs() + 1.0
-    plan = va._backward_plan(q, k, None, True, window, spec.softcap)
+    plan = va.backward_plan(q, k, None, True, window, spec.softcap)
     return va, plan, normal_like(gen, out), q, k, v, out, lse, cu, longest, window
 
 
 def _attention_backward_delta(spec: AttentionSpec, device) -> None:
     va, plan, do, q, k, v, out, lse, cu, longest, window = _backward_inputs(spec, device)
-    va._backward_delta(plan, out, do, lse)
+    va.backward_delta(plan, out, do, lse)
 
 
 def _attention_backward_kv(spec: AttentionSpec, device) -> None:
     va, plan, do, q, k, v, out, lse, cu, longest, window = _backward_inputs(spec, device)
-    va._backward_kv(plan, do, q, k, v, lse, normal_like(own_generator(device), lse), cu, longest, window)
+    va.backward_kv(plan, do, q, k, v, lse, normal_like(own_generator(device), lse), cu, longest, window)
 
 
 def _attention_backward_q(spec: AttentionSpec, device) -> None:
     va, plan, do, q, k, v, out, lse, cu, longest, window = _backward_inputs(spec, device)
-    va._backward_q(plan, do, q, k, v, lse, normal_like(own_generator(device), lse), cu, longest, window)
+    va.backward_q(plan, do, q, k, v, lse, normal_like(own_generator(device), lse), cu, longest, window)
 
 
 def _norm_inputs(spec: NormSpec, device):

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from .. import log, versions
 from .config_fields import explicit_fields, mark_explicit
+from .trl_shape import Shape, current_shape, field_default, init_fields, same, set_explicit, trl_version
 
 try:  # errors meant for the user pass through the registry's containment
     from ..errors import UnslothPatchError as _UserError
@@ -42,8 +43,6 @@ __all__ = [
     "translate_config_call",
 ]
 
-SFT_TRAINER_MODULE = "trl.trainer.sft_trainer"
-SFT_CONFIG_MODULE = "trl.trainer.sft_config"
 
 # Trainer parameters of TRL <= 0.12 that are SFTConfig fields from 0.13 on.
 TRAINER_TO_CONFIG = (
@@ -75,119 +74,6 @@ class CompatConflictError(_UserError, TypeError):
 
 class CompatUnplaceableError(_UserError, TypeError):
     """An argument has no place in the installed TRL (removed without a successor)."""
-
-
-# --------------------------------------------------------------------------- introspection
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """What the installed TRL accepts: trainer parameters (in order) and SFTConfig init fields."""
-
-    trainer_params: tuple[str, ...]
-    trainer_takes_var_keyword: bool
-    config_cls: type
-    config_fields: tuple[str, ...]
-
-    def config_has(self, name: str) -> bool:
-        return name in self.config_fields
-
-
-_shape_cache: dict = {}
-
-
-def _original(function):
-    """The function under every decorator and wrapper (wrapt, functools.wraps)."""
-    return inspect.unwrap(function)
-
-
-def _sft_config_cls(trainer_module=None):
-    module = sys.modules.get(SFT_CONFIG_MODULE)
-    cls = getattr(module, "SFTConfig", None)
-    if cls is None and trainer_module is not None:
-        cls = getattr(trainer_module, "SFTConfig", None)
-    if cls is None:
-        import importlib
-
-        cls = importlib.import_module(SFT_CONFIG_MODULE).SFTConfig
-    return cls
-
-
-def current_shape() -> Shape:
-    """Introspect the installed TRL (cached per original function and config class)."""
-    module = sys.modules.get(SFT_TRAINER_MODULE)
-    if module is None:
-        import importlib
-
-        module = importlib.import_module(SFT_TRAINER_MODULE)
-    init = _original(vars(module.SFTTrainer)["__init__"])
-    config_cls = _sft_config_cls(module)
-    key = (init, config_cls)
-    shape = _shape_cache.get(key)
-    if shape is None:
-        parameters = list(inspect.signature(init).parameters.values())[1:]  # drop self
-        shape = Shape(
-            trainer_params=tuple(
-                p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
-            ),
-            trainer_takes_var_keyword=any(p.kind is p.VAR_KEYWORD for p in parameters),
-            config_cls=config_cls,
-            config_fields=_init_fields(config_cls),
-        )
-        _shape_cache.clear()
-        _shape_cache[key] = shape
-    return shape
-
-
-def _init_fields(cls) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
-
-
-def _trl_version() -> str:
-    version = versions.installed("trl")
-    return str(version) if version is not None else "?"
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
-def _field_default(cls, name: str) -> Any:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                return f.default_factory()  # type: ignore[misc]
-            break
-    return dataclasses.MISSING
-
-
-def _set_explicit(config, names: Optional[set]) -> None:
-    """Make ``names`` exactly the record of explicitly passed fields (None: unknown)."""
-    from . import config_fields
-
-    attribute = getattr(config_fields, "_ATTRIBUTE", None)
-    if attribute is None:  # pragma: no cover - record layout changed; merge instead
-        if names is not None:
-            mark_explicit(config, names)
-        return
-    try:
-        if names is None:
-            if attribute in vars(config):
-                object.__delattr__(config, attribute)
-        else:
-            object.__setattr__(config, attribute, frozenset(names))
-    except Exception:
-        pass
 
 
 def _short(value: Any) -> str:
@@ -234,7 +120,7 @@ def _refuse(proceed, args, kwargs, error: Exception):
         result = proceed(*args, **kwargs)
     except Exception as stock:
         raise error from stock
-    log.logger.warning("%s (TRL %s accepted the call as written; its behaviour is kept)", error, _trl_version())
+    log.logger.warning("%s (TRL %s accepted the call as written; its behaviour is kept)", error, trl_version())
     return result
 
 
@@ -243,7 +129,7 @@ def translate_trainer_call(args, kwargs, shape: Shape) -> _Plan:
     plan = _Plan(args, kwargs)
     params = shape.trainer_params
     positional = params[: len(plan.args)]
-    version = _trl_version()
+    version = trl_version()
 
     def given(name: str) -> tuple[bool, Any]:
         if name in plan.kwargs:
@@ -258,7 +144,7 @@ def translate_trainer_call(args, kwargs, shape: Shape) -> _Plan:
             if old in plan.kwargs and old not in params and new in params:
                 value = plan.kwargs.pop(old)
                 present, other = given(new)
-                if present and not _same(value, other):
+                if present and not same(value, other):
                     raise CompatConflictError(
                         f"SFTTrainer got both {old}= and {new}= with different values; they are two "
                         f"spellings of one argument (TRL {version} calls it {new}=). Pass only {new}=."
@@ -284,7 +170,7 @@ def translate_trainer_call(args, kwargs, shape: Shape) -> _Plan:
                 f"no SFTConfig field for {name!r} (it was removed); remove the argument."
             )
         value = plan.kwargs.pop(name)
-        if destination in moves and not _same(moves[destination][1], value):
+        if destination in moves and not same(moves[destination][1], value):
             raise CompatConflictError(
                 f"SFTTrainer got {moves[destination][0]}= and {name}= with different values; "
                 f"both set SFTConfig.{destination} in TRL {version}."
@@ -355,8 +241,8 @@ def _check_move_conflicts(config, moves: dict, version: str) -> None:
         if explicit is not None:
             set_by_user = any(alias in explicit for alias in _aliases(destination))
         else:
-            set_by_user = not _same(current, _field_default(cls, destination))
-        if set_by_user and not _same(current, value):
+            set_by_user = not same(current, field_default(cls, destination))
+        if set_by_user and not same(current, value):
             raise CompatConflictError(
                 f"SFTTrainer({name}={_short(value)}) conflicts with {cls.__name__}({destination}={_short(current)}): "
                 f"both set {cls.__name__}.{destination} in TRL {version}. Keep one of them."
@@ -368,7 +254,7 @@ def _config_with_moves(config, moves: dict, version: str):
     _check_move_conflicts(config, moves, version)
     explicit = explicit_fields(config)
     rebuilt = dataclasses.replace(config, **{d: v for d, (_, v) in moves.items()})
-    _set_explicit(rebuilt, None if explicit is None else set(explicit) | set(moves))
+    set_explicit(rebuilt, None if explicit is None else set(explicit) | set(moves))
     return rebuilt
 
 
@@ -403,11 +289,11 @@ def _convert_training_arguments(config, shape: Shape, moves: dict, plan: _Plan, 
     values = {}
     unplaceable = []
     explicit = explicit_fields(config)
-    for name in _init_fields(source_cls):
+    for name in init_fields(source_cls):
         value = getattr(config, name)
         if name in shape.config_fields:
             values[name] = value
-        elif (explicit is not None and name in explicit) or not _same(value, _field_default(source_cls, name)):
+        elif (explicit is not None and name in explicit) or not same(value, field_default(source_cls, name)):
             unplaceable.append(f"{name}={_short(value)}")
     if unplaceable:
         raise CompatUnplaceableError(
@@ -416,7 +302,7 @@ def _convert_training_arguments(config, shape: Shape, moves: dict, plan: _Plan, 
         )
     values.update({d: v for d, (_, v) in moves.items()})
     converted = shape.config_cls(**values)
-    _set_explicit(converted, None if explicit is None else (set(explicit) & set(shape.config_fields)) | set(moves))
+    set_explicit(converted, None if explicit is None else (set(explicit) & set(shape.config_fields)) | set(moves))
     if warn:  # where TRL converts it itself we only did so to carry the moved settings: nothing to say
         plan.note(("convert", source_cls.__name__),
                   f"SFTTrainer(args={source_cls.__name__}(...)) is spelled SFTTrainer(args=SFTConfig(...)) in TRL "
@@ -461,9 +347,9 @@ def handle_sft_config_init(proceed, instance, args, kwargs):
 def translate_config_call(config_cls, args, kwargs) -> _Plan:
     """The arguments this TRL's ``SFTConfig(...)`` needs for a call written for another version."""
     plan = _Plan(args, kwargs)
-    fields = _init_fields(config_cls)
+    fields = init_fields(config_cls)
     positional = fields[: len(plan.args)]
-    version = _trl_version()
+    version = trl_version()
     name = config_cls.__name__
     for older, newer in CONFIG_RENAMES:
         for old, new in ((older, newer), (newer, older)):
@@ -471,7 +357,7 @@ def translate_config_call(config_cls, args, kwargs) -> _Plan:
                 value = plan.kwargs.pop(old)
                 if new in plan.kwargs or new in positional:
                     other = plan.kwargs[new] if new in plan.kwargs else plan.args[positional.index(new)]
-                    if not _same(value, other):
+                    if not same(value, other):
                         raise CompatConflictError(
                             f"{name} got both {old}= and {new}= with different values; they are two spellings of "
                             f"one field (TRL {version} calls it {new}=). Pass only {new}=."

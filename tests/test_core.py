@@ -152,6 +152,7 @@ def test_boolean_toggle_spellings(raw, expected):
 def test_every_toggle_parses_and_rejects_garbage(toggle):
     good = {"DISABLE": "yes", "PADDING_FREE": "ON", "ATTENTION": "Triton", "PACKING": "On", "EMBEDDING_LR": "5e-5",
             "KERNELS": "off", "KERNELS_OFF": "rope, RMSNorm", "COMPAT": "off", "CHECKPOINTING": "off", "MEMORY_BUDGET_GB": "12", "DENSE_4BIT": "OFF",
+            "MATMUL_4BIT": "Fused",
             "LOG_LEVEL": "DEBUG"}[toggle.name]
     parsed = getattr(read_settings({toggle.variable: good}), toggle.name.lower())
     assert parsed not in (None, toggle.default) or toggle.name == "DISABLE" and parsed is True

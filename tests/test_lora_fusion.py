@@ -14,7 +14,7 @@ import torch
 
 from unsloth_patch import fallback, lora_fusion
 from unsloth_patch.edits import Edits
-from unsloth_patch.kernels import lora_linear
+from unsloth_patch.kernels import lora_linear, projection
 from unsloth_patch.kernels.lora_linear import Projection, projections
 from unsloth_patch.tiny import build_model
 
@@ -401,9 +401,9 @@ def test_under_torch_compile_peft_forward_is_traced_and_losses_match():
 # ----------------------------------------------------------------------------- 4-bit bases (QLoRA)
 
 
-def _qlora_model(compute_dtype=torch.bfloat16, dtype=torch.bfloat16):
+def _qlora_model(compute_dtype=torch.bfloat16, dtype=torch.bfloat16, intermediate_size=160):
     bnb = pytest.importorskip("bitsandbytes")
-    base = build_model("llama", hidden_size=64, intermediate_size=160, num_layers=2, seed=0).to(dtype)
+    base = build_model("llama", hidden_size=64, intermediate_size=intermediate_size, num_layers=2, seed=0).to(dtype)
 
     def quantize(module):
         for name, child in list(module.named_children()):
@@ -439,7 +439,7 @@ def test_a_4bit_base_dequantises_bit_for_bit_as_bitsandbytes_and_trains_as_peft(
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     part, _, _ = lora_fusion.read(q)
     assert part.quant_state is q.base_layer.weight.quant_state and part.in_features == 64
-    assert torch.equal(lora_linear._dense(part.weight, part.quant_state, torch.bfloat16),
+    assert torch.equal(projection.dense_weight(part.weight, part.quant_state, torch.bfloat16),
                        dequantize_4bit(q.base_layer.weight, q.base_layer.weight.quant_state).to(torch.bfloat16))
     calls = _counting(monkeypatch)
     fused_loss, fused_grads = _step(model, ids, autocast=True)

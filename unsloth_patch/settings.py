@@ -139,6 +139,10 @@ TOGGLES: tuple[Toggle, ...] = (
            "QLoRA: auto = keep each 4-bit weight dense for the run (dequantised once, the 16-bit weights' size "
            "held) where the step's upper bound leaves room for the copies under the budget; off = dequantise on "
            "every call."),
+    Toggle("MATMUL_4BIT", "bitsandbytes", _choice("bitsandbytes", "fused"),
+           "QLoRA, 4-bit weights not kept dense: bitsandbytes = dequantise each into a 16-bit temporary for cuBLAS "
+           "(default); fused = our Triton kernels dequantise tiles inside the matmul (no 16-bit copy; not yet timed "
+           "on a GPU, so not the default)."),
     Toggle("LOG_LEVEL", "warning", _choice("debug", "info", "warning", "error"), "Level of the plugin's log."),
 )
 
@@ -158,6 +162,7 @@ class Settings:
     checkpointing: str = "auto"
     memory_budget_gb: Optional[float] = None
     dense_4bit: str = "auto"
+    matmul_4bit: str = "bitsandbytes"
     log_level: str = "warning"
 
     def kernel_on(self, name: str) -> bool:

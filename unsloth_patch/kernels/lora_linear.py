@@ -17,7 +17,9 @@ one or more projections of the same input ``x`` in one node:
 * gradients go to whatever requires them (adapters, and base weights or biases when trained),
   in each parameter's dtype, as autograd's casts would give them;
 * a bitsandbytes 4-bit base weight (QLoRA) is dequantised by bitsandbytes, as its own layer does,
-  in the forward and again in the backward: only the packed weight is kept between them.
+  in the forward and again in the backward: only the packed weight is kept between them (or its dense
+  copy kept for the run, or, where asked for, our kernels dequantise it inside the matmul:
+  ``projection.base_product``).
 
 A lone projection (plain weight) is computed from native ops instead, ``F.linear`` and an ``addmm`` with
 ``alpha=scaling``, the same maths, whose backward runs in autograd's C++ engine: for one projection a
@@ -37,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .projection import Projection, dense_weight as _dense
+from .projection import Projection, base_input_grad, base_product
 
 __all__ = ["Projection", "projections", "scaled_mm"]
 
@@ -85,9 +87,10 @@ class _Projections(torch.autograd.Function):
                 h = xl.mm(a_cat.t())  # [tokens, sum of ranks]
             outputs, offset = [], 0
             for i, (w, bias, a, b) in enumerate(parts):
-                dense = kept[i] if quant_states[i] is None else _dense(w, quant_states[i], dtype)  # one at a time
-                y = xc.mm(dense.t()) if bias is None else torch.addmm(_to(bias, dtype), xc, dense.t())
-                del dense
+                if quant_states[i] is None:
+                    y = xc.mm(kept[i].t()) if bias is None else torch.addmm(_to(bias, dtype), xc, kept[i].t())
+                else:  # dequantised one at a time (or inside the matmul)
+                    y = base_product(xc, w, quant_states[i], dtype, None if bias is None else _to(bias, dtype))
                 if a is not None:
                     ups[i] = _to(b, dtype)
                     rank = a.shape[0]
@@ -146,10 +149,12 @@ class _Projections(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:
                 for i, dy in enumerate(dys):
-                    if dy is not None:
-                        w = weights[i] if ctx.quant_states[i] is None else _dense(weights[i], ctx.quant_states[i], dtype)
-                        dx = dy.mm(w) if dx is None else dx.addmm_(dy, w)
-                        del w
+                    if dy is None:
+                        continue
+                    if ctx.quant_states[i] is None:
+                        dx = dy.mm(weights[i]) if dx is None else dx.addmm_(dy, weights[i])
+                    else:
+                        dx = base_input_grad(dy, weights[i], ctx.quant_states[i], dtype, dx)
                 if dh is not None and not ctx.has_lora_input:
                     dx = dh.mm(a_cat) if dx is None else dx.addmm_(dh, a_cat)
                 if dx is None:

@@ -13,6 +13,10 @@ Where memory allows (the checkpointing decision says so: ``checkpointing/dense_4
 weights themselves are kept for the length of a ``train()`` (:func:`keeping_dense`): every 4-bit
 projection is then dequantised once per run instead of two or three times per step. The kept copy is
 bitsandbytes' own output, so the step computes the same numbers; the copies go when ``train()`` returns.
+
+Where no copy is kept, :func:`base_product` and :func:`base_input_grad` can instead run our fused kernels
+(``linear_4bit``: tiles dequantised inside the matmul, no 16-bit copy), when ``UNSLOTH_PATCH_MATMUL_4BIT=fused``
+asks for them (:func:`fusing_4bit`, for the length of a ``train()``); ``matmul_4bit_plan`` decides per weight.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["Projection", "dense_weight", "absmax_cache_bytes", "keeping_dense", "kept_dense_count"]
+__all__ = ["Projection", "dense_weight", "absmax_cache_bytes", "keeping_dense", "kept_dense_count", "base_product",
+           "base_input_grad", "fusing_4bit", "matmul_4bit_choices"]
 
 
 class Projection(NamedTuple):
@@ -155,3 +160,69 @@ def absmax_cache_bytes(dense_numel: int, state) -> int:
     if not getattr(state, "nested", False) or not getattr(state, "blocksize", None):
         return 0
     return -(-int(dense_numel) // int(state.blocksize)) * 4
+
+
+# ----------------------------------------------------------------------------- the base matmul of a 4-bit weight
+
+
+_FUSE_4BIT = [False]  # set by fusing_4bit() for the length of a train()
+_CHOICES: dict = {}  # id(quant state) -> (weak reference to it, key of the facts, Choice)
+
+
+def fusing_4bit(on: bool) -> None:
+    """Let 4-bit weights that are not kept dense run the fused kernels (``on``), or stop; forgets past choices."""
+    _FUSE_4BIT[0] = bool(on)
+    _CHOICES.clear()
+
+
+def matmul_4bit_choices() -> dict:
+    """How the 4-bit weights met their inputs since :func:`fusing_4bit` was last called: description -> count."""
+    counts: dict = {}
+    for _, _, choice in _CHOICES.values():
+        counts[choice.describe()] = counts.get(choice.describe(), 0) + 1
+    return counts
+
+
+def _fused(weight: torch.Tensor, state, dtype: torch.dtype) -> bool:
+    """Whether this 4-bit weight's matmul runs the fused kernels now (``matmul_4bit_plan.choose``, once per weight)."""
+    from .. import fallback
+    from . import linear_4bit
+
+    failed = not fallback.enabled(linear_4bit.KERNEL)
+    key = (dtype, _KEEP_DENSE[0], failed)
+    hit = _CHOICES.get(id(state))
+    if hit is not None and hit[0]() is state and hit[1] == key:
+        return hit[2].option == "fused"
+    from ..matmul_4bit_plan import FUSED, Facts, choose
+
+    reason = linear_4bit.not_taken_reason(weight, _absmax(state), getattr(state, "quant_type", None),
+                                          getattr(state, "blocksize", None), getattr(state, "shape", None), dtype)
+    choice = choose(Facts(setting=FUSED, kept_dense=_KEEP_DENSE[0], kernel_reason=reason, kernel_failed=failed,
+                          dense_reason="the memory decision keeps no dense copies in this run"))
+    key_id = id(state)
+    _CHOICES[key_id] = (weakref.ref(state, lambda _, k=key_id: _CHOICES.pop(k, None)), key, choice)
+    return choice.option == FUSED
+
+
+def base_product(x: torch.Tensor, weight: torch.Tensor, state, dtype: torch.dtype,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for a 4-bit weight ``W``, ``x`` ``[M, in]`` in ``dtype``: the dense weight (kept or
+    dequantised by bitsandbytes) through cuBLAS, or the fused kernels where asked for and possible."""
+    if _FUSE_4BIT[0] and _fused(weight, state, dtype):
+        from .linear_4bit import linear_4bit
+
+        return linear_4bit(x, weight, _absmax(state), state.quant_type, state.blocksize, state.shape, bias)
+    dense = dense_weight(weight, state, dtype)
+    return x.mm(dense.t()) if bias is None else torch.addmm(bias.to(dtype), x, dense.t())
+
+
+def base_input_grad(dy: torch.Tensor, weight: torch.Tensor, state, dtype: torch.dtype,
+                    addend: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dy @ W (+ addend)``: the input gradient of :func:`base_product` (``addend`` is summed in place when the
+    dense path runs, inside the kernel when the fused one does)."""
+    if _FUSE_4BIT[0] and _fused(weight, state, dtype):
+        from .linear_4bit import linear_4bit_dx
+
+        return linear_4bit_dx(dy, weight, _absmax(state), state.quant_type, state.blocksize, state.shape, addend)
+    dense = dense_weight(weight, state, dtype)
+    return dy.mm(dense) if addend is None else addend.addmm_(dy, dense)

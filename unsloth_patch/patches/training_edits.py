@@ -223,7 +223,17 @@ def _fuse_lora(model, settings, edits: Edits, refused=None) -> None:
     if outcome.get("fused"):
         log.logger.info("LoRA layers: %d fused (%d in sibling groups sharing one input; %d left to PEFT)",
                         outcome["fused"], outcome["grouped"], len(outcome["kept"]))
+        _fuse_4bit_matmuls(settings, edits)
     lora_fusion.remember(outcome)
+
+
+def _fuse_4bit_matmuls(settings, edits: Edits) -> None:
+    """With ``UNSLOTH_PATCH_MATMUL_4BIT=fused``, the fused LoRA layers' 4-bit weights that are not kept dense run our
+    dequantise-in-the-matmul kernels for this ``train()`` (``matmul_4bit_plan`` decides per weight)."""
+    from ..kernels import projection
+
+    if getattr(settings, "matmul_4bit", "bitsandbytes") == "fused":
+        edits.call(lambda: projection.fusing_4bit(True), lambda: projection.fusing_4bit(False))
 
 
 def set_attention(model, name: str, edits: Edits) -> None:

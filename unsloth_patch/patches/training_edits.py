@@ -232,8 +232,13 @@ def _fuse_4bit_matmuls(settings, edits: Edits) -> None:
     dequantise-in-the-matmul kernels for this ``train()`` (``matmul_4bit_plan`` decides per weight)."""
     from ..kernels import projection
 
+    def stop() -> None:
+        for how, count in projection.matmul_4bit_choices().items():
+            log.logger.info("4-bit matmuls: %d weights %s", count, how)
+        projection.fusing_4bit(False)
+
     if getattr(settings, "matmul_4bit", "bitsandbytes") == "fused":
-        edits.call(lambda: projection.fusing_4bit(True), lambda: projection.fusing_4bit(False))
+        edits.call(lambda: projection.fusing_4bit(True), stop)
 
 
 def set_attention(model, name: str, edits: Edits) -> None:

@@ -222,3 +222,15 @@ def test_the_setting_turns_the_kernels_on_for_one_train_and_the_rollback_off(mon
         assert projection._FUSE_4BIT[0] is expected
         edits.rollback()
         assert projection._FUSE_4BIT[0] is False
+
+
+def test_the_ops_pass_torch_library_s_checks_for_compile_and_fake_tensors():
+    packed, state = _packed((48, 128), "nf4", True, 64, torch.float32, seed=6)
+    absmax, code = _absmax(state), linear_4bit.code_table("nf4", "cpu")
+    x, dy = torch.randn(20, 128), torch.randn(20, 48)
+    bias, addend = torch.randn(48), torch.randn(20, 128)
+    torch.library.opcheck(torch.ops.unsloth_patch.linear_4bit.default, (x, packed, absmax, code, 64, 48, bias))
+    torch.library.opcheck(torch.ops.unsloth_patch.linear_4bit.default, (x, packed, absmax, code, 64, 48, None))
+    torch.library.opcheck(torch.ops.unsloth_patch.linear_4bit_dx.default, (dy, packed, absmax, code, 64, 128, addend))
+    torch.library.opcheck(torch.ops.unsloth_patch.dequantize_4bit.default,
+                          (packed, absmax, code, 64, 48, 128, torch.float16))

@@ -316,3 +316,27 @@ def test_on_a_cpu_the_bound_is_not_used(tokenizer, dataset, tmp_path):
     trainer = _trainer(tokenizer, dataset, _config(tmp_path))
     bound, note, copies = wiring.bound_of(trainer, wiring.probe_spec(trainer), None, torch.device("cpu"))
     assert bound is None and "CUDA" in note and copies == 0
+
+
+# --------------------------------------------------------------------------- what appears after the probe, per launch
+
+
+def _launched(world_size, fsdp=False, optim="adamw_torch"):
+    """A stand-in trainer: the attributes ``extra_bytes`` reads, for a 2-layer model with one frozen layer."""
+    import types
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).to(torch.bfloat16)
+    model[1].requires_grad_(False)
+    args = types.SimpleNamespace(world_size=world_size, optim=optim)
+    return types.SimpleNamespace(model=model, args=args, is_fsdp_enabled=fsdp)
+
+
+def test_later_memory_counts_the_optimizer_state_and_under_ddp_one_more_gradient_copy():
+    trainable = (64 * 32 + 32) * 2  # bytes of the trainable bf16 parameters (= their gradients)
+    one_gpu = wiring.extra_bytes(_launched(1))
+    # AdamW: two moments of each parameter's dtype and a float32 step per parameter tensor
+    assert one_gpu == policy.optimizer_state_bytes([((32, 64), 2), ((32,), 2)], "adamw_torch") == 2 * trainable + 2 * 4
+    assert wiring.extra_bytes(_launched(2)) == one_gpu + trainable  # DDP's gradient buckets: a flat copy each rank
+    assert wiring.extra_bytes(_launched(8)) == one_gpu + trainable  # per rank, whatever the world size
+    assert wiring.extra_bytes(_launched(2, fsdp=True)) == one_gpu  # FSDP shards instead: no buckets
+    assert wiring.extra_bytes(_launched(2, optim="sgd")) == trainable  # SGD without momentum keeps no state

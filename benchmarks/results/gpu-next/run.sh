@@ -11,14 +11,8 @@
 # Run as before: commit, `bash benchmarks/carry.sh` (the snapshot in benchmarks/out/snap, the carried size), then
 # `bash benchmarks/detached.sh start benchmarks/results/gpu-next/run.sh resn` (carry .whl, .whl-peers-b,
 # benchmarks/out/data, benchmarks/out/snap) and `bash benchmarks/detached.sh poll resn` at once after each call.
+# detached.sh sets the environment, R (the results folder), B (the sft.py command line) and step.
 set -u
-R=/tmp/resn; mkdir -p $R
-cd /tmp/snap
-cp COMMIT $R/commit.txt
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > $R/card.txt
-B="python3 benchmarks/sft.py all --data /tmp/data --out $R --peer-path /tmp/peers"
-step() { echo "## $(date +%T) $*"; "$@"; }
 # 0. the 4-bit matmul kernels (ninth session, opt-in): bit-exactness against bitsandbytes' CUDA kernel, then time
 step python3 benchmarks/linear_4bit.py --check --out $R/linear_4bit_check.json
 step python3 benchmarks/linear_4bit.py --out $R/linear_4bit_time.json

@@ -57,6 +57,40 @@ def test_the_weight_a_tile_dequantises_is_bitsandbytes_bit_for_bit(shape, blocks
     assert ours.abs().max() > 0 and ours.unique().numel() > 16  # scales differ between blocks
 
 
+# interpreter tiles wider than a 64-value block: a tile spans whole blocks (GROUP_SCALES where rows hold whole ones)
+WIDE_TILES = {"linear": (16, 16, 128, 1, 1), "linear_dx": (16, 16, 128, 1, 1), "dequantize": (16, 128)}
+
+
+def test_the_scale_layout_follows_how_tiles_meet_blocks():
+    assert linear_4bit.scale_layout(2048, 64, 64) == linear_4bit.ROW_SCALE
+    assert linear_4bit.scale_layout(2048, 64, 16) == linear_4bit.ROW_SCALE
+    assert linear_4bit.scale_layout(2048, 64, 128) == linear_4bit.GROUP_SCALES
+    assert linear_4bit.scale_layout(160, 64, 16) == linear_4bit.PER_VALUE  # rows end mid-block
+    assert linear_4bit.scale_layout(192, 64, 96) == linear_4bit.PER_VALUE  # neither inside nor whole blocks
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_tiles_spanning_several_blocks_read_the_same_weight(shape, quant_type, monkeypatch):
+    monkeypatch.setattr(linear_4bit, "INTERPRETER_TILES", WIDE_TILES)
+    packed, state = _packed(shape, quant_type, True, 64, torch.float16, seed=9)
+    generic = _dequantize_4bit_compute(packed.reshape(-1), _absmax(state), linear_4bit.code_table(quant_type, "cpu"),
+                                       64, state.shape, torch.float16)
+    assert torch.equal(_bits(linear_4bit.dequantize_4bit(packed, _absmax(state), quant_type, 64, state.shape,
+                                                         torch.float16)), _bits(generic))
+    x, dy = torch.randn(21, shape[1]), torch.randn(21, shape[0])  # fp32: the weight dequantised to fp32
+    w = _dequantize_4bit_compute(packed.reshape(-1), _absmax(state), linear_4bit.code_table(quant_type, "cpu"), 64,
+                                 state.shape, torch.float32).double()
+    y = linear_4bit.linear_4bit(x, *_fp32(packed, state, quant_type))
+    dx = linear_4bit.linear_4bit_dx(dy, *_fp32(packed, state, quant_type))
+    assert ((y.double() - x.double() @ w.t()).norm() / (x.double() @ w.t()).norm()) < 1e-5
+    assert ((dx.double() - dy.double() @ w).norm() / (dy.double() @ w).norm()) < 1e-5
+
+
+def _fp32(packed, state, quant_type):
+    return packed, _absmax(state), quant_type, 64, state.shape
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
 def test_forward_and_input_gradient_are_the_dequantised_weight_s_matmuls(shape, dtype, tolerance):

@@ -34,7 +34,7 @@ from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ._triton import tl, triton
 from ..settings import triton_interpreting as _interpreting
 
-__all__ = ["QUANT_TYPES", "takes", "not_taken_reason", "code_table", "linear_4bit", "linear_4bit_dx",
+__all__ = ["QUANT_TYPES", "scale_layout", "takes", "not_taken_reason", "code_table", "linear_4bit", "linear_4bit_dx",
            "dequantize_4bit", "dequantize_reference"]
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -44,35 +44,49 @@ if triton is not None:
 
     @triton.jit
     def _weight_tile(W, ABSMAX, CODE, rows, k0, N, K, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr):
-        """``W[rows, k0:k0+COLS]`` as float32 (zero outside the weight): packed bytes -> codes -> table * scale."""
+                     COLS: tl.constexpr, SCALES: tl.constexpr):
+        """``W[rows, k0:k0+COLS]`` as float32 (zero outside the weight): packed bytes -> codes -> table * scale.
+
+        ``SCALES`` says how the tile meets the scale blocks (:func:`scale_layout`): ``ROW_SCALE``, one block per
+        tile row; ``GROUP_SCALES``, whole blocks across the tile; else one scale loaded per value."""
         rows64 = rows.to(tl.int64)
         pairs = tl.arange(0, COLS // 2)
         row_ok = rows < N
         byte_ok = row_ok[:, None] & ((k0 + 2 * pairs) < K)[None, :]
         packed = tl.load(W + (rows64[:, None] * K + k0) // 2 + pairs[None, :], mask=byte_ok, other=0).to(tl.int32)
         codes = tl.reshape(tl.join(packed >> 4, packed & 15), (ROWS, COLS))  # high nibble first
-        cols = k0 + tl.arange(0, COLS)
-        ok = row_ok[:, None] & (cols < K)[None, :]
-        flat = rows64[:, None] * K + cols[None, :]
-        scale = tl.load(ABSMAX + flat // BLOCKSIZE, mask=ok, other=0.0)
         value = tl.load(CODE + codes)  # codes of masked bytes are 0: a valid index, multiplied by 0
+        if SCALES == 1:  # rows of whole blocks, the tile inside one: one scale a row
+            row_scale = tl.load(ABSMAX + rows64 * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=row_ok, other=0.0)
+            scale = tl.broadcast_to(row_scale[:, None], (ROWS, COLS))
+        elif SCALES == 2:  # rows of whole blocks, the tile spanning several whole ones
+            groups = tl.arange(0, COLS // BLOCKSIZE)
+            group_ok = row_ok[:, None] & ((k0 + groups * BLOCKSIZE) < K)[None, :]
+            block_scale = tl.load(ABSMAX + rows64[:, None] * (K // BLOCKSIZE) + k0 // BLOCKSIZE + groups[None, :],
+                                  mask=group_ok, other=0.0)
+            scale = tl.reshape(tl.broadcast_to(block_scale[:, :, None], (ROWS, COLS // BLOCKSIZE, BLOCKSIZE)),
+                               (ROWS, COLS))
+        else:
+            cols = k0 + tl.arange(0, COLS)
+            ok = row_ok[:, None] & (cols < K)[None, :]
+            scale = tl.load(ABSMAX + (rows64[:, None] * K + cols[None, :]) // BLOCKSIZE, mask=ok, other=0.0)
         return value * scale
 
     @triton.jit
-    def _dequantize_kernel(W, ABSMAX, CODE, OUT, N, K, BLOCKSIZE: tl.constexpr,
+    def _dequantize_kernel(W, ABSMAX, CODE, OUT, N, K, BLOCKSIZE: tl.constexpr, SCALES: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         k0 = tl.program_id(1) * BLOCK_C
         cols = k0 + tl.arange(0, BLOCK_C)
-        w = _weight_tile(W, ABSMAX, CODE, rows, k0, N, K, BLOCKSIZE, BLOCK_R, BLOCK_C)
+        w = _weight_tile(W, ABSMAX, CODE, rows, k0, N, K, BLOCKSIZE, BLOCK_R, BLOCK_C, SCALES)
         ok = (rows < N)[:, None] & (cols < K)[None, :]
         tl.store(OUT + rows.to(tl.int64)[:, None] * K + cols[None, :], w.to(OUT.dtype.element_ty), mask=ok)
 
     # The token count changes every batch: one compiled variant for every M.
     @triton.jit(do_not_specialize=["M"])
     def _linear_kernel(X, W, ABSMAX, CODE, BIAS, Y, M, N, K, stride_xm, stride_ym,
-                       BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCKSIZE: tl.constexpr, SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,7 +95,7 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
                         mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-            w = _weight_tile(W, ABSMAX, CODE, rn, k0, N, K, BLOCKSIZE, BLOCK_N, BLOCK_K).to(X.dtype.element_ty)
+            w = _weight_tile(W, ABSMAX, CODE, rn, k0, N, K, BLOCKSIZE, BLOCK_N, BLOCK_K, SCALES).to(X.dtype.element_ty)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -90,7 +104,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])
     def _linear_dx_kernel(DY, W, ABSMAX, CODE, ADDEND, DX, M, N, K, stride_dym, stride_dxm, stride_am,
-                          BLOCKSIZE: tl.constexpr, HAS_ADDEND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCKSIZE: tl.constexpr, SCALES: tl.constexpr, HAS_ADDEND: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         k0 = tl.program_id(1) * BLOCK_K
@@ -100,7 +115,7 @@ if triton is not None:
             rn = n0 + tl.arange(0, BLOCK_N)
             dy = tl.load(DY + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :],
                          mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
-            w = _weight_tile(W, ABSMAX, CODE, rn, k0, N, K, BLOCKSIZE, BLOCK_N, BLOCK_K).to(DY.dtype.element_ty)
+            w = _weight_tile(W, ABSMAX, CODE, rn, k0, N, K, BLOCKSIZE, BLOCK_N, BLOCK_K, SCALES).to(DY.dtype.element_ty)
             acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
         ok = (rm < M)[:, None] & (rk < K)[None, :]
         if HAS_ADDEND:
@@ -110,12 +125,26 @@ if triton is not None:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): first picks for a Hopper card, not yet tuned on one
 # (``benchmarks/linear_4bit.py`` times them against bitsandbytes + cuBLAS). The interpreter takes tl.dot's minimum.
-GPU_TILES = {"linear": (128, 128, 64, 8, 3), "linear_dx": (128, 64, 128, 8, 3)}
-INTERPRETER_TILES = {"linear": (16, 16, 16, 1, 1), "linear_dx": (16, 16, 16, 1, 1)}
+# ``dequantize``: (rows, columns) of a tile.
+GPU_TILES = {"linear": (128, 128, 64, 8, 3), "linear_dx": (128, 64, 128, 8, 3), "dequantize": (64, 64)}
+INTERPRETER_TILES = {"linear": (16, 16, 16, 1, 1), "linear_dx": (16, 16, 16, 1, 1), "dequantize": (16, 16)}
 
 
 def _tiles(name: str, device) -> tuple:
     return (INTERPRETER_TILES if device.type == "cpu" else GPU_TILES)[name]
+
+
+PER_VALUE, ROW_SCALE, GROUP_SCALES = 0, 1, 2
+
+
+def scale_layout(in_features: int, blocksize: int, cols: int) -> int:
+    """How a tile ``cols`` wide meets the scale blocks: one scale a row (``ROW_SCALE``) or whole blocks across it
+    (``GROUP_SCALES``) where each row holds whole blocks, else a scale loaded per value (``PER_VALUE``)."""
+    if in_features % blocksize:
+        return PER_VALUE
+    if blocksize % cols == 0:
+        return ROW_SCALE
+    return GROUP_SCALES if cols % blocksize == 0 else PER_VALUE
 
 
 _CODES: dict = {}  # (quant type, device) -> bitsandbytes' float32 table of the 16 code values
@@ -181,10 +210,10 @@ def _precision(dtype) -> Optional[str]:
 
 def _dequantize_triton(packed, absmax, code, blocksize, out_features, in_features, dtype):
     out = torch.empty((out_features, in_features), device=packed.device, dtype=dtype)
-    block = 16 if packed.device.type == "cpu" else 64
-    _dequantize_kernel[(triton.cdiv(out_features, block), triton.cdiv(in_features, block))](
-        _bytes(packed), absmax, code, out, out_features, in_features, BLOCKSIZE=blocksize, BLOCK_R=block,
-        BLOCK_C=block)
+    rows, cols = _tiles("dequantize", packed.device)
+    _dequantize_kernel[(triton.cdiv(out_features, rows), triton.cdiv(in_features, cols))](
+        _bytes(packed), absmax, code, out, out_features, in_features, BLOCKSIZE=blocksize,
+        SCALES=scale_layout(in_features, blocksize, cols), BLOCK_R=rows, BLOCK_C=cols)
     return out
 
 
@@ -194,7 +223,8 @@ def _linear_triton(x, packed, absmax, code, blocksize, out_features, bias):
     bm, bn, bk, warps, stages = _tiles("linear", x.device)
     _linear_kernel[(triton.cdiv(m, bm), triton.cdiv(out_features, bn))](
         x, _bytes(packed), absmax, code, x if bias is None else bias, y, m, out_features, k, x.stride(0), y.stride(0),
-        BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype),
+        BLOCKSIZE=blocksize, SCALES=scale_layout(k, blocksize, bk), HAS_BIAS=bias is not None,
+        DOT_PRECISION=_precision(x.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y
 
@@ -206,7 +236,8 @@ def _linear_dx_triton(dy, packed, absmax, code, blocksize, in_features, addend):
     _linear_dx_kernel[(triton.cdiv(m, bm), triton.cdiv(in_features, bk))](
         dy, _bytes(packed), absmax, code, dx if addend is None else addend, dx, m, n, in_features,
         dy.stride(0), dx.stride(0), 0 if addend is None else addend.stride(0),
-        BLOCKSIZE=blocksize, HAS_ADDEND=addend is not None, DOT_PRECISION=_precision(dy.dtype),
+        BLOCKSIZE=blocksize, SCALES=scale_layout(in_features, blocksize, bk), HAS_ADDEND=addend is not None,
+        DOT_PRECISION=_precision(dy.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return dx
 

@@ -7,9 +7,9 @@ Three ways, in the order they are preferred, each rejected one carrying its reas
   with nothing to dequantise. Fastest where it fits (+8.7% steady over per-call dequantisation, H100).
 * ``fused``: our Triton kernels (``kernels/linear_4bit.py``) dequantise tiles in registers inside the
   matmul: no 16-bit copy of the weight and one launch instead of two, forward and backward. Asked for
-  with ``UNSLOTH_PATCH_MATMUL_4BIT=fused``; not the default, because it has not yet been timed against
-  bitsandbytes + cuBLAS on a GPU (``docs/kernel-notes.md``: at training sizes the base matmul is
-  compute-bound, and a Triton matmul must first come within a few percent of cuBLAS).
+  with ``UNSLOTH_PATCH_MATMUL_4BIT=fused``; not the default: on an H100 it was 15-32x slower per
+  projection than bitsandbytes + cuBLAS at training sizes, each row tile dequantising the whole weight
+  again (``docs/kernel-notes.md``).
 * ``bitsandbytes``: bitsandbytes dequantises the whole weight into a temporary, cuBLAS multiplies. Always
   possible; the default where the weight is not kept dense.
 """
@@ -55,8 +55,8 @@ def choose(facts: Facts) -> Choice:
         return Choice(KEPT_DENSE)
     rejected[KEPT_DENSE] = facts.dense_reason or "this run keeps no dense copies"
     if facts.setting != FUSED:
-        rejected[FUSED] = ("not asked for (UNSLOTH_PATCH_MATMUL_4BIT=fused; the default waits for a GPU timing "
-                           "against bitsandbytes + cuBLAS)")
+        rejected[FUSED] = ("not asked for (UNSLOTH_PATCH_MATMUL_4BIT=fused; measured 15-32x slower than "
+                           "bitsandbytes + cuBLAS at training sizes)")
     elif facts.kernel_failed:
         rejected[FUSED] = "its kernel failed earlier in this process (warned then)"
     elif facts.kernel_reason:

@@ -21,6 +21,10 @@ The packed weight is bitsandbytes' ``Params4bit`` data: ``N * K / 2`` bytes of t
 weight (any storage dtype, viewed as bytes), ``K`` even; the scales are float32, one per ``blocksize``
 consecutive values (double quantisation: dequantised once by the caller, ``projection.absmax_of``).
 A launch that fails falls back to the same maths in PyTorch, once warned (``_guard``).
+
+Measured on an H100 (``docs/kernel-notes.md``): bit-exact, and 15-32x slower per projection than
+bitsandbytes + cuBLAS at training sizes, since each of the ``M / BLOCK_M`` row tiles dequantises the whole
+weight again. Opt-in (``UNSLOTH_PATCH_MATMUL_4BIT=fused``), for experiments.
 """
 
 from __future__ import annotations
@@ -123,8 +127,9 @@ if triton is not None:
         tl.store(DX + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :], acc.to(DX.dtype.element_ty), mask=ok)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): first picks for a Hopper card, not yet tuned on one
-# (``benchmarks/linear_4bit.py`` times them against bitsandbytes + cuBLAS). The interpreter takes tl.dot's minimum.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): first picks for a Hopper card. On an H100 they ran 15-32x
+# slower than bitsandbytes + cuBLAS at 5,400 tokens (``benchmarks/linear_4bit.py``): every row tile dequantises the
+# whole weight again, which no tile choice removes. The interpreter takes tl.dot's minimum.
 # ``dequantize``: (rows, columns) of a tile.
 GPU_TILES = {"linear": (128, 128, 64, 8, 3), "linear_dx": (128, 64, 128, 8, 3), "dequantize": (64, 64)}
 INTERPRETER_TILES = {"linear": (16, 16, 16, 1, 1), "linear_dx": (16, 16, 16, 1, 1), "dequantize": (16, 16)}

@@ -238,6 +238,10 @@ def _fuse_4bit_matmuls(settings, edits: Edits) -> None:
         projection.fusing_4bit(False)
 
     if getattr(settings, "matmul_4bit", "bitsandbytes") == "fused":
+        log.once(("matmul_4bit", "slow"), logging.WARNING,
+                 "UNSLOTH_PATCH_MATMUL_4BIT=fused: 4-bit weights not kept dense are dequantised inside our matmul "
+                 "kernels, measured 15-32x slower per projection than bitsandbytes + cuBLAS at training sizes "
+                 "(docs/kernel-notes.md); unset it to train at full speed")
         edits.call(lambda: projection.fusing_4bit(True), stop)
 
 

@@ -243,19 +243,27 @@ def test_kept_dense_weights_stay_on_cublas_when_fusing_is_asked_for(fusing, monk
     torch.testing.assert_close(fused, dense, rtol=1e-5, atol=1e-6)
 
 
-def test_the_setting_turns_the_kernels_on_for_one_train_and_the_rollback_off(monkeypatch):
+def test_the_setting_turns_the_kernels_on_for_one_train_with_a_warning_and_the_rollback_off(caplog):
     import dataclasses
+    import logging
 
+    from unsloth_patch import log
     from unsloth_patch.edits import Edits
     from unsloth_patch.patches import training_edits
     from unsloth_patch.settings import Settings
 
-    for value, expected in (("bitsandbytes", False), ("fused", True)):
-        edits = Edits()
-        training_edits._fuse_4bit_matmuls(dataclasses.replace(Settings(), matmul_4bit=value), edits)
-        assert projection._FUSE_4BIT[0] is expected
-        edits.rollback()
-        assert projection._FUSE_4BIT[0] is False
+    from .helpers import plugin_log
+
+    log.forget()
+    with plugin_log(caplog, logging.WARNING):
+        for value, expected in (("bitsandbytes", False), ("fused", True)):
+            edits = Edits()
+            training_edits._fuse_4bit_matmuls(dataclasses.replace(Settings(), matmul_4bit=value), edits)
+            assert projection._FUSE_4BIT[0] is expected
+            edits.rollback()
+            assert projection._FUSE_4BIT[0] is False
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "15-32x slower" in warnings[0]  # said when asked for, not by default
 
 
 def test_the_ops_pass_torch_library_s_checks_for_compile_and_fake_tensors():

@@ -86,11 +86,9 @@ class _Projections(torch.autograd.Function):
                 a_cat = downs[0] if len(downs) == 1 else torch.cat(downs, 0)
                 h = xl.mm(a_cat.t())  # [tokens, sum of ranks]
             outputs, offset = [], 0
-            for i, (w, bias, a, b) in enumerate(parts):
-                if quant_states[i] is None:
-                    y = xc.mm(kept[i].t()) if bias is None else torch.addmm(_to(bias, dtype), xc, kept[i].t())
-                else:  # dequantised one at a time (or inside the matmul)
-                    y = base_product(xc, w, quant_states[i], dtype, None if bias is None else _to(bias, dtype))
+            for i, (_, bias, a, b) in enumerate(parts):
+                # a 4-bit weight is dequantised here, one at a time (or inside the matmul)
+                y = base_product(xc, kept[i], quant_states[i], dtype, None if bias is None else _to(bias, dtype))
                 if a is not None:
                     ups[i] = _to(b, dtype)
                     rank = a.shape[0]
@@ -149,11 +147,7 @@ class _Projections(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:
                 for i, dy in enumerate(dys):
-                    if dy is None:
-                        continue
-                    if ctx.quant_states[i] is None:
-                        dx = dy.mm(weights[i]) if dx is None else dx.addmm_(dy, weights[i])
-                    else:
+                    if dy is not None:
                         dx = base_input_grad(dy, weights[i], ctx.quant_states[i], dtype, dx)
                 if dh is not None and not ctx.has_lora_input:
                     dx = dh.mm(a_cat) if dx is None else dx.addmm_(dh, a_cat)

@@ -26,6 +26,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..matmul_4bit_plan import FUSED, Facts, choose
+
 __all__ = ["Projection", "dense_weight", "absmax_cache_bytes", "keeping_dense", "kept_dense_count", "base_product",
            "base_input_grad", "fusing_4bit", "matmul_4bit_choices"]
 
@@ -179,7 +181,8 @@ def matmul_4bit_choices() -> dict:
     """How the 4-bit weights met their inputs since :func:`fusing_4bit` was last called: description -> count."""
     counts: dict = {}
     for _, _, choice in _CHOICES.values():
-        counts[choice.describe()] = counts.get(choice.describe(), 0) + 1
+        how = choice.describe()
+        counts[how] = counts.get(how, 0) + 1
     return counts
 
 
@@ -192,37 +195,39 @@ def _fused(weight: torch.Tensor, state, dtype: torch.dtype) -> bool:
     key = (dtype, _KEEP_DENSE[0], failed)
     hit = _CHOICES.get(id(state))
     if hit is not None and hit[0]() is state and hit[1] == key:
-        return hit[2].option == "fused"
-    from ..matmul_4bit_plan import FUSED, Facts, choose
+        return hit[2].option == FUSED
 
     reason = linear_4bit.not_taken_reason(weight, _absmax(state), getattr(state, "quant_type", None),
                                           getattr(state, "blocksize", None), getattr(state, "shape", None), dtype)
     choice = choose(Facts(setting=FUSED, kept_dense=_KEEP_DENSE[0], kernel_reason=reason, kernel_failed=failed,
                           dense_reason="the memory decision keeps no dense copies in this run"))
-    key_id = id(state)
-    _CHOICES[key_id] = (weakref.ref(state, lambda _, k=key_id: _CHOICES.pop(k, None)), key, choice)
+    state_id = id(state)
+    _CHOICES[state_id] = (weakref.ref(state, lambda _, k=state_id: _CHOICES.pop(k, None)), key, choice)
     return choice.option == FUSED
 
 
 def base_product(x: torch.Tensor, weight: torch.Tensor, state, dtype: torch.dtype,
                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for a 4-bit weight ``W``, ``x`` ``[M, in]`` in ``dtype``: the dense weight (kept or
-    dequantised by bitsandbytes) through cuBLAS, or the fused kernels where asked for and possible."""
-    if _FUSE_4BIT[0] and _fused(weight, state, dtype):
-        from .linear_4bit import linear_4bit
+    """``x @ W.T (+ bias)``, ``x`` ``[M, in]`` and ``bias`` in ``dtype``: a plain weight (``state`` None, already in
+    ``dtype``) or a 4-bit one, dense (kept or dequantised by bitsandbytes) through cuBLAS, or the fused kernels
+    where asked for and possible."""
+    if state is not None:
+        if _FUSE_4BIT[0] and _fused(weight, state, dtype):
+            from .linear_4bit import linear_4bit
 
-        return linear_4bit(x, weight, _absmax(state), state.quant_type, state.blocksize, state.shape, bias)
-    dense = dense_weight(weight, state, dtype)
-    return x.mm(dense.t()) if bias is None else torch.addmm(bias.to(dtype), x, dense.t())
+            return linear_4bit(x, weight, _absmax(state), state.quant_type, state.blocksize, state.shape, bias)
+        weight = dense_weight(weight, state, dtype)
+    return x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
 def base_input_grad(dy: torch.Tensor, weight: torch.Tensor, state, dtype: torch.dtype,
                     addend: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``dy @ W (+ addend)``: the input gradient of :func:`base_product` (``addend`` is summed in place when the
-    dense path runs, inside the kernel when the fused one does)."""
-    if _FUSE_4BIT[0] and _fused(weight, state, dtype):
-        from .linear_4bit import linear_4bit_dx
+    """``dy @ W (+ addend)``: the input gradient of :func:`base_product` (``addend`` is summed in place on the dense
+    path, inside the kernel on the fused one)."""
+    if state is not None:
+        if _FUSE_4BIT[0] and _fused(weight, state, dtype):
+            from .linear_4bit import linear_4bit_dx
 
-        return linear_4bit_dx(dy, weight, _absmax(state), state.quant_type, state.blocksize, state.shape, addend)
-    dense = dense_weight(weight, state, dtype)
-    return dy.mm(dense) if addend is None else addend.addmm_(dy, dense)
+            return linear_4bit_dx(dy, weight, _absmax(state), state.quant_type, state.blocksize, state.shape, addend)
+        weight = dense_weight(weight, state, dtype)
+    return dy.mm(weight) if addend is None else addend.addmm_(dy, weight)
